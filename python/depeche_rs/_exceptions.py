@@ -1,0 +1,104 @@
+"""The exception tree.
+
+Every class subclasses what users already catch (the depeche-db classes keep their
+bases; our own errors add `ValueError`, `TypeError`, `ConnectionError`, ...), and every
+message says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DepecheError(Exception):
+    """Base class of every error raised by depeche_rs."""
+
+
+class OptimisticConcurrencyError(DepecheError):
+    """The stream's version is not the one the writer expected.
+
+    Attributes:
+        stream: The stream written to.
+        expected_version: The version the writer expected.
+        actual_version: The stream's version at the time of the write.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        stream: str | None = None,
+        expected_version: int | None = None,
+        actual_version: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+
+
+class MessageNotFound(DepecheError, LookupError):
+    """No message with the given id exists."""
+
+
+class MessageIdMismatchError(DepecheError, ValueError):
+    """`synchronize` found a stored message id that differs from the given one."""
+
+
+class InvalidNameError(DepecheError, ValueError):
+    """A store, stream or subscription name is not a plain SQL-safe identifier."""
+
+
+class InvalidWildcardError(DepecheError, ValueError):
+    """A stream wildcard list is empty or contains something that is not a LIKE pattern."""
+
+
+class SerializationError(DepecheError, ValueError):
+    """The serializer failed or returned something that is not a JSON object."""
+
+
+class InvalidMessageError(DepecheError, TypeError):
+    """The object given as a message does not implement `MessageProtocol`."""
+
+
+class NaiveDatetimeError(DepecheError, ValueError):
+    """A datetime without timezone was given where an aware one is required."""
+
+
+class PartitionerError(DepecheError, ValueError):
+    """A partitioner raised or returned something that is not an int >= 0.
+
+    Attributes:
+        stream: Origin stream of the offending message.
+        message_id: Id of the offending message.
+    """
+
+    def __init__(self, message: str, stream: str | None = None, message_id: Any = None) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.message_id = message_id
+
+
+class DatabaseError(DepecheError):
+    """PostgreSQL reported an error to the Rust engine.
+
+    Attributes:
+        sqlstate: The five-character SQLSTATE, when the server sent one.
+        detail: The server's DETAIL, if any.
+        hint: The server's HINT, if any.
+    """
+
+    sqlstate: str | None = None
+    detail: str | None = None
+    hint: str | None = None
+
+
+class DatabaseConnectionError(DatabaseError, ConnectionError):
+    """The database could not be reached or the connection was lost."""
+
+
+class MissingTablesError(DatabaseError, LookupError):
+    """The database does not hold the tables this object needs."""
+
+
+class EmbeddedPostgresError(DepecheError, RuntimeError):
+    """The embedded PostgreSQL server could not be started."""

@@ -1,0 +1,126 @@
+"""Validation of names and wildcards, and the names of the database objects derived from them.
+
+Names end up inside SQL identifiers, so they are restricted to what needs no quoting:
+ASCII letters, digits and underscores, not starting with a digit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ._exceptions import InvalidNameError, InvalidWildcardError
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# PostgreSQL truncates identifiers to 63 bytes; the longest prefix/suffix we add is
+# "depeche_subscriptions_" (22) or "depeche_stream_" + "_maxpos_pkey"-style suffixes.
+MAX_NAME_LENGTH = 30
+MAX_STREAM_LENGTH = 255
+
+
+def validate_name(name: Any, what: str = "name") -> str:
+    """Return `name` if it is a valid object name, else raise `InvalidNameError`."""
+    if not isinstance(name, str):
+        raise InvalidNameError(f"{what} must be a str, got {type(name).__name__}")
+    if not _IDENTIFIER.match(name) or not name.isidentifier():
+        raise InvalidNameError(
+            f"{what} {name!r} is not a valid identifier: use ASCII letters, digits and "
+            "underscores, not starting with a digit (it becomes part of table names)"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidNameError(
+            f"{what} {name!r} is {len(name)} characters long; use at most {MAX_NAME_LENGTH} "
+            "so the derived table names fit PostgreSQL's 63-byte identifier limit"
+        )
+    return name
+
+
+def validate_stream(stream: Any) -> str:
+    """Return `stream` if it is a valid stream name, else raise `InvalidNameError`."""
+    if not isinstance(stream, str):
+        raise InvalidNameError(f"stream name must be a str, got {type(stream).__name__}")
+    if not stream:
+        raise InvalidNameError("stream name must not be empty")
+    if len(stream) > MAX_STREAM_LENGTH:
+        raise InvalidNameError(
+            f"stream name is {len(stream)} characters long; the column holds at most "
+            f"{MAX_STREAM_LENGTH}"
+        )
+    if "\x00" in stream:
+        raise InvalidNameError("stream name must not contain NUL characters")
+    return stream
+
+
+def validate_wildcards(wildcards: Any) -> list[str]:
+    """Return the wildcards as a list if they are valid LIKE patterns, else raise."""
+    if isinstance(wildcards, str) or not isinstance(wildcards, Sequence):
+        raise InvalidWildcardError(
+            f"stream_wildcards must be a list of LIKE patterns such as ['account-%'], "
+            f"got {wildcards!r}"
+        )
+    result = list(wildcards)
+    if not result:
+        raise InvalidWildcardError(
+            "stream_wildcards is empty: give at least one LIKE pattern such as 'account-%'"
+        )
+    for wildcard in result:
+        if not isinstance(wildcard, str):
+            raise InvalidWildcardError(
+                f"stream wildcard {wildcard!r} is a {type(wildcard).__name__}, not a str"
+            )
+        if not wildcard:
+            raise InvalidWildcardError("a stream wildcard must not be the empty string")
+        if "\x00" in wildcard:
+            raise InvalidWildcardError(f"stream wildcard {wildcard!r} contains a NUL character")
+        if wildcard.endswith("\\") and not wildcard.endswith("\\\\"):
+            raise InvalidWildcardError(
+                f"stream wildcard {wildcard!r} ends with an escape character; "
+                "write '\\\\' for a literal backslash"
+            )
+    return result
+
+
+def message_table(store: str) -> str:
+    """The message table of store `store`."""
+    return f"depeche_msgs_{store}"
+
+
+def global_sequence(store: str) -> str:
+    """The global position sequence of store `store`."""
+    return f"depeche_msgs_{store}_global_seq"
+
+
+def store_channel(store: str) -> str:
+    """The channel notified when messages are written to store `store`."""
+    return f"depeche_{store}_messages"
+
+
+def write_function(store: str) -> str:
+    """depeche-db's single-message write function of store `store`."""
+    return f"depeche_write_message_{store}"
+
+
+def stream_table(agg: str) -> str:
+    """The table of aggregated stream `agg`."""
+    return f"depeche_stream_{agg}"
+
+
+def maxpos_table(agg: str) -> str:
+    """The per-partition max position table of aggregated stream `agg`."""
+    return f"depeche_stream_{agg}_maxpos"
+
+
+def cursor_table(agg: str) -> str:
+    """The projector cursor table of aggregated stream `agg` (ours, additive)."""
+    return f"depeche_stream_{agg}_cursor"
+
+
+def stream_channel(agg: str) -> str:
+    """The channel notified when aggregated stream `agg` gets new messages."""
+    return f"depeche_{agg}_messages"
+
+
+def subscription_table(name: str) -> str:
+    """The subscription state table of state provider `name`."""
+    return f"depeche_subscriptions_{name}"
