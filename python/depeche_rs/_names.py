@@ -15,7 +15,7 @@ from ._exceptions import InvalidNameError, InvalidWildcardError
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # PostgreSQL truncates identifiers to 63 bytes; the longest prefix/suffix we add is
 # "depeche_subscriptions_" (22) or "depeche_stream_" + "_maxpos_pkey"-style suffixes.
-MAX_NAME_LENGTH = 30
+MAX_NAME_LENGTH = 40
 MAX_STREAM_LENGTH = 255
 
 
