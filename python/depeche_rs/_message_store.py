@@ -1,0 +1,409 @@
+"""The message store: streams of messages with optimistic concurrency."""
+
+from __future__ import annotations
+
+import contextlib as _contextlib
+import datetime as _dt
+import json as _json
+import uuid as _uuid
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import sqlalchemy as _sa
+
+from . import _names, _schema
+from ._connection import connect as _connect
+from ._connection import libpq_dsn as _libpq_dsn
+from ._connection import to_engine as _to_engine
+from ._exceptions import (
+    InvalidMessageError,
+    MessageIdMismatchError,
+    MessageNotFound,
+    OptimisticConcurrencyError,
+    SerializationError,
+)
+from ._interfaces import MessagePosition, MessageProtocol, MessageSerializer, StoredMessage
+
+if TYPE_CHECKING:
+    from ._factories import AggregatedStreamFactory
+
+E = TypeVar("E", bound=MessageProtocol)
+
+_COLUMNS = "message_id, stream, version, message, global_position, added_at"
+
+
+class MessageStoreReaderProtocol(Protocol[E]):
+    """What `MessageStore.reader()` yields."""
+
+    def get_message_by_id(self, message_id: _uuid.UUID) -> StoredMessage[E]:
+        """Return the message with id `message_id` or raise `MessageNotFound`."""
+        ...
+
+    def get_messages_by_ids(self, message_ids: Sequence[_uuid.UUID]) -> Iterator[StoredMessage[E]]:
+        """Return the messages with the given ids (missing ids are skipped)."""
+        ...
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """Return the messages of `stream` in version order."""
+        ...
+
+    def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
+        """Return the messages of all streams matching a LIKE pattern, in global order."""
+        ...
+
+
+class MessageStoreProtocol(Protocol[E]):
+    """The public surface of `MessageStore`."""
+
+    def truncate(self) -> None:
+        """Delete all messages."""
+        ...
+
+    def write(
+        self,
+        stream: str,
+        message: E,
+        expected_version: int | None = None,
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Write one message."""
+        ...
+
+    def synchronize(
+        self,
+        stream: str,
+        expected_version: int,
+        messages: Sequence[E],
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Append the messages that are not yet in the stream."""
+        ...
+
+    def reader(
+        self, conn: _sa.Connection | None = None
+    ) -> _contextlib.AbstractContextManager[MessageStoreReaderProtocol[E]]:
+        """A reader bound to a connection."""
+        ...
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """Read a stream."""
+        ...
+
+
+class MessageStoreReader(Generic[E]):
+    """Reads messages over one connection (see `MessageStore.reader`)."""
+
+    def __init__(
+        self, conn: _sa.Connection, store_name: str, serializer: MessageSerializer[E]
+    ) -> None:
+        self._conn = conn
+        self._table = _names.message_table(store_name)
+        self._serializer = serializer
+
+    def _stored(self, row: Any) -> StoredMessage[E]:
+        message_id, stream, version, message, global_position, added_at = row
+        return StoredMessage(
+            message_id=message_id,
+            stream=stream,
+            version=version,
+            message=self._serializer.deserialize(message),
+            global_position=global_position,
+            added_at=added_at,
+        )
+
+    def get_message_by_id(self, message_id: _uuid.UUID) -> StoredMessage[E]:
+        """Return the message with id `message_id`.
+
+        Raises:
+            MessageNotFound: no such message.
+        """
+        row = self._conn.exec_driver_sql(
+            f"SELECT {_COLUMNS} FROM {self._table} WHERE message_id = %s",
+            (_as_uuid(message_id),),
+        ).first()
+        if row is None:
+            raise MessageNotFound(message_id)
+        return self._stored(row)
+
+    def get_messages_by_ids(self, message_ids: Sequence[_uuid.UUID]) -> Iterator[StoredMessage[E]]:
+        """Yield the messages with the given ids, in the order given; unknown ids are skipped."""
+        ids = [_as_uuid(i) for i in message_ids]
+        if not ids:
+            return
+        rows = self._conn.exec_driver_sql(
+            f"SELECT {_COLUMNS} FROM {self._table} WHERE message_id = ANY(%s)", (ids,)
+        ).fetchall()
+        by_id = {row[0]: row for row in rows}
+        for message_id in ids:
+            row = by_id.get(message_id)
+            if row is not None:
+                yield self._stored(row)
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """Yield the messages of `stream` in version order, from `min_version` on if given."""
+        query = f"SELECT {_COLUMNS} FROM {self._table} WHERE stream = %s"
+        params: tuple[Any, ...] = (stream,)
+        if min_version is not None:
+            query += " AND version >= %s"
+            params += (min_version,)
+        for row in self._conn.exec_driver_sql(query + " ORDER BY version", params):
+            yield self._stored(row)
+
+    def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
+        """Yield the messages of every stream matching the LIKE pattern, in global order.
+
+        `stream-%` matches streams starting with `stream-`, `%` matches all streams.
+        """
+        for row in self._conn.exec_driver_sql(
+            f"SELECT {_COLUMNS} FROM {self._table} WHERE stream LIKE %s ORDER BY global_position",
+            (stream_wildcard,),
+        ):
+            yield self._stored(row)
+
+
+class MessageStore(Generic[E]):
+    """A message store: named streams of messages in PostgreSQL.
+
+    Args:
+        name: A valid identifier, used as prefix of the database objects.
+        engine: A SQLAlchemy Engine (psycopg 3 driver) or a DSN string.
+        serializer: Turns messages into JSON objects and back.
+
+    Attributes:
+        aggregated_stream (AggregatedStreamFactory): creates aggregated streams.
+        engine: The SQLAlchemy Engine in use.
+        name: The store name.
+    """
+
+    def __init__(self, name: str, engine: Any, serializer: MessageSerializer[E]) -> None:
+        from ._factories import AggregatedStreamFactory
+
+        self.name = _names.validate_name(name, "store name")
+        self.engine: _sa.Engine = _to_engine(engine)
+        self._serializer = serializer
+        self._table = _names.message_table(name)
+        self._write_sql = (
+            f"SELECT version, global_position FROM depeche_rs_write_{name}"
+            "(%s::uuid[], %s, %s::jsonb[], %s::timestamptz[], %s::bigint)"
+        )
+        _schema.ensure_store(self.engine, name)
+        self.aggregated_stream: AggregatedStreamFactory[E] = AggregatedStreamFactory(store=self)
+
+    @property
+    def dsn(self) -> str:
+        """The libpq DSN of the engine (with password), as used by the Rust engine."""
+        return _libpq_dsn(self.engine)
+
+    @property
+    def notification_channel(self) -> str:
+        """The channel notified (once per stream per statement) when messages are written."""
+        return _names.store_channel(self.name)
+
+    def truncate(self) -> None:
+        """Delete all messages of the store (aggregated streams are not touched)."""
+        with _connect(self.engine) as conn:
+            conn.exec_driver_sql(f"DELETE FROM {self._table}")
+            conn.commit()
+
+    def write(
+        self,
+        stream: str,
+        message: E,
+        expected_version: int | None = None,
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Write a message to `stream`.
+
+        With `expected_version`, the write fails with `OptimisticConcurrencyError` unless
+        the stream is at that version (0 for a new stream). With `conn`, the write joins
+        the caller's transaction and **the caller commits**.
+
+        Returns:
+            The position of the message.
+        """
+        return self.write_many(stream, [message], expected_version=expected_version, conn=conn)
+
+    def write_many(
+        self,
+        stream: str,
+        messages: Sequence[E],
+        expected_version: int | None = None,
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Append several messages to one stream in one round trip, atomically.
+
+        `expected_version` applies to the stream before the first message. Returns the
+        position of the last message.
+        """
+        _names.validate_stream(stream)
+        if expected_version is not None and (
+            not isinstance(expected_version, int) or isinstance(expected_version, bool)
+        ):
+            raise TypeError(f"expected_version must be an int or None, got {expected_version!r}")
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TypeError("messages must be a sequence of messages")
+        if not messages:
+            raise ValueError("write_many needs at least one message")
+        ids, bodies, times = self._encode(messages)
+        params = (ids, stream, bodies, times, expected_version)
+        if conn is None:
+            with _connect(self.engine) as own:
+                position = self._execute_write(own, stream, expected_version, params)
+                own.commit()
+                return position
+        return self._execute_write(conn, stream, expected_version, params)
+
+    def _encode(
+        self, messages: Sequence[E]
+    ) -> tuple[list[_uuid.UUID], list[str], list[_dt.datetime | None]]:
+        ids: list[_uuid.UUID] = []
+        bodies: list[str] = []
+        times: list[_dt.datetime | None] = []
+        for message in messages:
+            try:
+                message_id = message.get_message_id()
+                occurred_at = message.get_message_time()
+            except AttributeError as exc:
+                raise InvalidMessageError(
+                    f"{type(message).__name__} is not a message: it needs get_message_id() and "
+                    "get_message_time() (see depeche_rs.MessageProtocol)"
+                ) from exc
+            if not isinstance(message_id, _uuid.UUID):
+                raise InvalidMessageError(
+                    f"get_message_id() of {type(message).__name__} returned "
+                    f"{type(message_id).__name__}, expected uuid.UUID"
+                )
+            if not isinstance(occurred_at, _dt.datetime):
+                raise InvalidMessageError(
+                    f"get_message_time() of {type(message).__name__} returned "
+                    f"{type(occurred_at).__name__}, expected datetime"
+                )
+            try:
+                data = self._serializer.serialize(message)
+            except Exception as exc:
+                raise SerializationError(
+                    f"the serializer failed on message {message_id} ({type(message).__name__}): "
+                    f"{exc}"
+                ) from exc
+            if not isinstance(data, dict):
+                raise SerializationError(
+                    f"the serializer returned {type(data).__name__} for message {message_id}; "
+                    "it must return a dict (a JSON object)"
+                )
+            try:
+                body = _json.dumps(data, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise SerializationError(
+                    f"the serializer's output for message {message_id} is not JSON: {exc}"
+                ) from exc
+            if "\\u0000" in body:
+                raise SerializationError(
+                    f"message {message_id} contains a NUL character, which PostgreSQL's jsonb "
+                    "cannot store"
+                )
+            ids.append(message_id)
+            bodies.append(body)
+            # Naive message times are taken as UTC, as depeche-db stores them.
+            times.append(
+                occurred_at if occurred_at.tzinfo else occurred_at.replace(tzinfo=_dt.timezone.utc)
+            )
+        return ids, bodies, times
+
+    def _execute_write(
+        self,
+        conn: _sa.Connection,
+        stream: str,
+        expected_version: int | None,
+        params: tuple[Any, ...],
+    ) -> MessagePosition:
+        try:
+            row = conn.exec_driver_sql(self._write_sql, params).one()
+        except _sa.exc.DBAPIError as exc:
+            diag = getattr(exc.orig, "diag", None)
+            if getattr(exc.orig, "sqlstate", None) == "P0001" and diag is not None:
+                if (diag.message_primary or "").startswith("Wrong expected version"):
+                    actual = int(diag.message_detail) if diag.message_detail else None
+                    raise OptimisticConcurrencyError(
+                        f"optimistic concurrency failure: stream {stream!r} is at version "
+                        f"{actual}, expected {expected_version}; re-read the stream and retry",
+                        stream=stream,
+                        expected_version=expected_version,
+                        actual_version=actual,
+                    ) from exc
+            raise
+        return MessagePosition(stream=stream, version=row[0], global_position=row[1])
+
+    def synchronize(
+        self,
+        stream: str,
+        expected_version: int,
+        messages: Sequence[E],
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Make `stream` hold `messages`: append the ones not stored yet.
+
+        The stored prefix must have the same message ids as `messages`, else
+        `MessageIdMismatchError`; `expected_version` guards the append. With `conn`, the
+        caller commits.
+        """
+        if conn is None:
+            with _connect(self.engine) as own:
+                result = self._synchronize(own, stream, expected_version, messages)
+                own.commit()
+                return result
+        return self._synchronize(conn, stream, expected_version, messages)
+
+    def _synchronize(
+        self,
+        conn: _sa.Connection,
+        stream: str,
+        expected_version: int,
+        messages: Sequence[E],
+    ) -> MessagePosition:
+        stored = conn.exec_driver_sql(
+            f"SELECT message_id FROM {self._table} WHERE stream = %s ORDER BY version", (stream,)
+        ).scalars().all()
+        given = [m.get_message_id() for m in messages]
+        for index, (stored_id, given_id) in enumerate(zip(stored, given)):
+            if stored_id != given_id:
+                raise MessageIdMismatchError(
+                    f"message id mismatch in stream {stream!r} at version {index + 1}: stored "
+                    f"{stored_id}, given {given_id}; has the stream been modified meanwhile?"
+                )
+        new = messages[len(stored) :]
+        if new:
+            return self.write_many(stream, new, expected_version=expected_version, conn=conn)
+        row = conn.exec_driver_sql(
+            f"SELECT max(version), max(global_position) FROM {self._table} WHERE stream = %s",
+            (stream,),
+        ).one()
+        if row[0] is None:
+            return MessagePosition(stream, 0, None)
+        return MessagePosition(stream, row[0], row[1])
+
+    @_contextlib.contextmanager
+    def reader(self, conn: _sa.Connection | None = None) -> Iterator[MessageStoreReader[E]]:
+        """A reader over `conn`, or over a new connection closed when the block ends.
+
+            with store.reader() as reader:
+                message = reader.get_message_by_id(some_id)
+        """
+        if conn is not None:
+            yield MessageStoreReader(conn, self.name, self._serializer)
+        else:
+            with _connect(self.engine) as own:
+                yield MessageStoreReader(own, self.name, self._serializer)
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """Yield the messages of `stream` in version order, from `min_version` on if given."""
+        with self.reader() as reader:
+            yield from reader.read(stream, min_version)
+
+
+def _as_uuid(value: Any) -> _uuid.UUID:
+    if isinstance(value, _uuid.UUID):
+        return value
+    try:
+        return _uuid.UUID(str(value))
+    except ValueError as exc:
+        raise TypeError(f"message id {value!r} is not a UUID") from exc

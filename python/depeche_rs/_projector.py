@@ -1,0 +1,228 @@
+"""The stream projector: a thin Python shell over the Rust engine's batch loop."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json as _json
+import re as _re
+import threading as _threading
+import uuid as _uuid
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+
+from . import _native
+from ._exceptions import PartitionerError, SerializationError
+from ._interfaces import (
+    MessagePartitioner,
+    MessageProtocol,
+    RunOnNotificationResult,
+    StoredMessage,
+    TimeBudget,
+)
+
+if TYPE_CHECKING:
+    from ._aggregated_stream import AggregatedStream
+
+E = TypeVar("E", bound=MessageProtocol)
+
+DEFAULT_BATCH_SIZE = 1000
+_MAX_PARTITION = 2**31 - 1
+
+
+class FullUpdateResult(NamedTuple):
+    """What `StreamProjector.update_full` did."""
+
+    n_updated_messages: int
+    more_messages_available: bool
+
+
+def like_to_regex(wildcard: str) -> _re.Pattern[str]:
+    """Compile a LIKE pattern (`%`, `_`, backslash escapes) into an equivalent regex."""
+    parts: list[str] = []
+    chars = iter(wildcard)
+    for ch in chars:
+        if ch == "\\":
+            parts.append(_re.escape(next(chars, "\\")))
+        elif ch == "%":
+            parts.append(".*")
+        elif ch == "_":
+            parts.append(".")
+        else:
+            parts.append(_re.escape(ch))
+    return _re.compile("".join(parts), _re.DOTALL)
+
+
+def builtin_partitioner(partitioner: Any) -> tuple[str, int | None] | None:
+    """The engine's name for a partitioner it can run in Rust, or None.
+
+    Both our and depeche-db's `StreamNamePartitioner` qualify, as long as a subclass did
+    not override `get_partition`.
+    """
+    from .tools import StreamHashPartitioner, StreamNamePartitioner
+
+    cls = type(partitioner)
+    if cls.get_partition is StreamNamePartitioner.get_partition:
+        return ("stream_name", None)
+    if cls.get_partition is StreamHashPartitioner.get_partition:
+        return ("hash_mod", partitioner.partitions)
+    if cls.__module__.startswith("depeche_db.") and cls.__name__ == "StreamNamePartitioner":
+        return ("stream_name", None)
+    return None
+
+
+def _utc_naive(value: _dt.datetime) -> _dt.datetime:
+    if value.tzinfo is None:
+        return value
+    return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+
+
+class StreamProjector(Generic[E]):
+    """Keeps an aggregated stream up to date with its origin streams.
+
+    Updates are locked in PostgreSQL, so running projectors in several processes or hosts
+    is fine: one projects, the others return at once. Every batch is one transaction;
+    killing a projector at any moment leaves whole batches or nothing.
+
+    Implements: `RunOnNotification`.
+    """
+
+    def __init__(
+        self,
+        stream: AggregatedStream[E],
+        partitioner: MessagePartitioner[E],
+        stream_wildcards: list[str],
+        batch_size: int | None = None,
+        lookback_for_gaps_hours: int | None = None,
+    ) -> None:
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
+            raise ValueError(f"update_batch_size must be a positive int, got {batch_size!r}")
+        self.stream = stream
+        self.partitioner = partitioner
+        self.stream_wildcards = list(stream_wildcards)
+        self.stream_regexes = [like_to_regex(w) for w in self.stream_wildcards]
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.lookback_for_gaps_hours = lookback_for_gaps_hours
+        self._builtin = builtin_partitioner(partitioner)
+        self._lock = _threading.Lock()
+        self._native: _native.Projector | None = None
+        self._keep_running = True
+
+    @property
+    def notification_channel(self) -> str:
+        """The channel this projector listens on: the message store's."""
+        return self.stream.store.notification_channel
+
+    def interested_in_notification(self, notification: dict[str, Any]) -> bool:
+        """True when the notified stream matches one of the wildcards."""
+        stream = notification.get("stream")
+        if isinstance(stream, str):
+            return any(regex.fullmatch(stream) for regex in self.stream_regexes)
+        return False
+
+    def take_notification_hint(self, notification: dict[str, Any]) -> None:
+        """Nothing to take: the projector always reads from its cursor."""
+
+    def run(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
+        """Run the projector once (until caught up or the budget is over)."""
+        result = self.update_full(budget=budget)
+        if budget is not None and result.more_messages_available and budget.over_budget():
+            return RunOnNotificationResult.WORK_REMAINING
+        return RunOnNotificationResult.DONE_FOR_NOW
+
+    def stop(self) -> None:
+        """No-op: `run` returns when caught up or over budget."""
+
+    def update_full(self, budget: TimeBudget | None = None) -> FullUpdateResult:
+        """Project everything written so far (or until the budget is over).
+
+        Returns `(n_updated_messages, more_messages_available)`. When another projector
+        holds the stream's lock, returns `(0, False)` at once.
+        """
+        with self._lock:
+            native = self._get_native()
+            projected, more, _locked = native.run(self._resolve, budget)
+        return FullUpdateResult(projected, more)
+
+    def update_batch(self) -> FullUpdateResult:
+        """Project at most one batch."""
+        with self._lock:
+            native = self._get_native()
+            projected, more, _locked = native.run(self._resolve, None, 1)
+        return FullUpdateResult(projected, more)
+
+    def close(self) -> None:
+        """Close the projector's connection (reopened on the next update)."""
+        with self._lock:
+            if self._native is not None:
+                self._native.close()
+
+    def _get_native(self) -> _native.Projector:
+        if self._native is None:
+            kind, modulus = self._builtin if self._builtin else (None, None)
+            self._native = _native.Projector(
+                self.stream.store.dsn,
+                self.stream.store.name,
+                self.stream.name,
+                self.stream_wildcards,
+                self.batch_size,
+                kind,
+                modulus,
+            )
+        return self._native
+
+    def _resolve(
+        self, rows: list[tuple[Any, ...]], need_partition: bool
+    ) -> list[tuple[int | None, _dt.datetime]]:
+        """Partition and time of each row: called by the engine once per batch."""
+        serializer = self.stream.store._serializer
+        partitioner = self.partitioner
+        out: list[tuple[int | None, _dt.datetime]] = []
+        for id_bytes, stream, version, global_position, added_at, occurred_at, body in rows:
+            message_id = _uuid.UUID(bytes=id_bytes)
+            try:
+                message = serializer.deserialize(_json.loads(body))
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot deserialize message {message_id} of stream {stream!r} "
+                    f"(global position {global_position}): {exc!r}; nothing was projected"
+                ) from exc
+            partition: int | None = None
+            if need_partition:
+                stored = StoredMessage(
+                    message_id=message_id,
+                    stream=stream,
+                    version=version,
+                    message=message,
+                    global_position=global_position,
+                    added_at=added_at,
+                )
+                try:
+                    partition = partitioner.get_partition(stored)
+                except Exception as exc:
+                    raise PartitionerError(
+                        f"partitioner {type(partitioner).__name__} raised {exc!r} on message "
+                        f"{message_id} of stream {stream!r}; nothing was projected",
+                        stream=stream,
+                        message_id=message_id,
+                    ) from exc
+                if not isinstance(partition, int) or isinstance(partition, bool):
+                    raise PartitionerError(
+                        f"partitioner {type(partitioner).__name__} returned {partition!r} for "
+                        f"message {message_id} of stream {stream!r}; it must return an int "
+                        "from 0 upwards; nothing was projected",
+                        stream=stream,
+                        message_id=message_id,
+                    )
+                if partition < 0 or partition > _MAX_PARTITION:
+                    raise PartitionerError(
+                        f"partitioner {type(partitioner).__name__} returned {partition} for "
+                        f"message {message_id} of stream {stream!r}; partitions must be from 0 "
+                        f"to {_MAX_PARTITION}; nothing was projected",
+                        stream=stream,
+                        message_id=message_id,
+                    )
+            if occurred_at is None:
+                occurred_at = _utc_naive(message.get_message_time())
+            out.append((partition, occurred_at))
+        return out

@@ -1,0 +1,233 @@
+"""The database objects: tables compatible with depeche-db 0.13, plus our additive ones.
+
+Creation is idempotent and safe when several processes start at once: each object set
+is created under a transaction-level advisory lock, and skipped entirely when the
+table's comment says it is already at our schema version (so constructing a store never
+queues an ACCESS EXCLUSIVE lock behind a long transaction).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from . import _names
+from ._connection import connect
+
+SCHEMA_VERSION = "depeche-rs schema 1"
+
+# The same expression depeche-db's write function uses, so both writers serialise on the
+# same per-stream lock.
+STREAM_LOCK_KEY = "left('x' || md5({stream}), 17)::bit(64)::bigint"
+
+
+def _lock(conn: sa.Connection, key: str) -> None:
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": "depeche_rs:" + key})
+
+
+def _is_current(conn: sa.Connection, table: str) -> bool:
+    comment = conn.execute(
+        sa.text("SELECT obj_description(to_regclass(:t), 'pg_class')"), {"t": table}
+    ).scalar()
+    return comment == SCHEMA_VERSION
+
+
+def _column_exists(conn: sa.Connection, table: str, column: str) -> bool:
+    return bool(
+        conn.execute(
+            sa.text(
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(:t) "
+                "AND attname = :c AND NOT attisdropped"
+            ),
+            {"t": table, "c": column},
+        ).scalar()
+    )
+
+
+def store_ddl(store: str) -> str:
+    """DDL bringing store `store` to our layout (idempotent, additive)."""
+    t = _names.message_table(store)
+    seq = _names.global_sequence(store)
+    channel = _names.store_channel(store)
+    lock_key = STREAM_LOCK_KEY.format(stream="stream")
+    return f"""
+CREATE SEQUENCE IF NOT EXISTS {seq};
+CREATE TABLE IF NOT EXISTS {t} (
+    message_id uuid PRIMARY KEY,
+    global_position bigint NOT NULL DEFAULT nextval('{seq}'),
+    added_at timestamp without time zone NOT NULL DEFAULT now(),
+    stream varchar(255) NOT NULL,
+    version integer NOT NULL,
+    message jsonb NOT NULL,
+    CONSTRAINT {t}_global_position_key UNIQUE (global_position),
+    CONSTRAINT {t}_version_uq UNIQUE (stream, version)
+);
+ALTER TABLE {t} ADD COLUMN IF NOT EXISTS tx xid8;
+ALTER TABLE {t} ALTER COLUMN tx SET DEFAULT pg_current_xact_id();
+ALTER TABLE {t} ADD COLUMN IF NOT EXISTS occurred_at timestamptz;
+CREATE INDEX IF NOT EXISTS {t}_tx_ix ON {t} (tx);
+
+CREATE OR REPLACE FUNCTION depeche_write_message_{store}(
+  message_id uuid,
+  stream varchar,
+  message json,
+  expected_version bigint DEFAULT NULL,
+  OUT version bigint,
+  OUT global_position bigint
+)
+AS $$
+DECLARE
+  _stream_version bigint;
+BEGIN
+  PERFORM pg_advisory_xact_lock({STREAM_LOCK_KEY.format(stream=f"depeche_write_message_{store}.stream")});
+  SELECT max(m.version) INTO _stream_version FROM {t} AS m
+   WHERE m.stream = depeche_write_message_{store}.stream;
+  _stream_version := coalesce(_stream_version, 0);
+  IF depeche_write_message_{store}.expected_version IS NOT NULL
+     AND depeche_write_message_{store}.expected_version != _stream_version THEN
+    RAISE EXCEPTION 'Wrong expected version: % (Stream: %, Stream Version: %)',
+      depeche_write_message_{store}.expected_version,
+      depeche_write_message_{store}.stream, _stream_version;
+  END IF;
+  version := _stream_version + 1;
+  global_position := nextval('{seq}');
+  INSERT INTO {t} (message_id, stream, version, message, global_position)
+  VALUES (depeche_write_message_{store}.message_id, depeche_write_message_{store}.stream,
+          version, depeche_write_message_{store}.message, global_position);
+END;
+$$ LANGUAGE plpgsql VOLATILE;
+
+CREATE OR REPLACE FUNCTION depeche_rs_write_{store}(
+  p_ids uuid[],
+  p_stream varchar,
+  p_messages jsonb[],
+  p_occurred timestamptz[],
+  p_expected_version bigint,
+  OUT version bigint,
+  OUT global_position bigint
+)
+AS $$
+DECLARE
+  _current bigint;
+BEGIN
+  PERFORM pg_advisory_xact_lock({lock_key.replace("stream", "p_stream")});
+  SELECT max(m.version) INTO _current FROM {t} AS m WHERE m.stream = p_stream;
+  _current := coalesce(_current, 0);
+  IF p_expected_version IS NOT NULL AND p_expected_version != _current THEN
+    RAISE EXCEPTION 'Wrong expected version: % (Stream: %, Stream Version: %)',
+      p_expected_version, p_stream, _current
+      USING ERRCODE = 'P0001', DETAIL = _current::text, HINT = 'depeche_rs:occ';
+  END IF;
+  -- Global positions are drawn in version order (the subquery is sorted), which keeps
+  -- a stream's global positions increasing with its versions.
+  INSERT INTO {t} (message_id, stream, version, message, occurred_at, global_position)
+  SELECT u.id, p_stream, _current + u.ord, u.msg, u.occ, nextval('{seq}')
+    FROM (SELECT * FROM unnest(p_ids, p_messages, p_occurred) WITH ORDINALITY
+            AS x(id, msg, occ, ord) ORDER BY x.ord) AS u;
+  version := _current + coalesce(array_length(p_ids, 1), 0);
+  global_position := currval('{seq}');
+END;
+$$ LANGUAGE plpgsql VOLATILE;
+
+CREATE OR REPLACE FUNCTION depeche_rs_msgs_notify_{store}() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify('{channel}', json_build_object(
+      'message_id', n.message_id, 'stream', n.stream,
+      'version', n.version, 'global_position', n.global_position)::text)
+  FROM (SELECT DISTINCT ON (stream) message_id, stream, version, global_position
+          FROM new_rows ORDER BY stream, version DESC) AS n;
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS depeche_storage_new_msg_{store} ON {t};
+DROP TRIGGER IF EXISTS depeche_rs_msgs_notify_{store} ON {t};
+CREATE TRIGGER depeche_rs_msgs_notify_{store}
+  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_msgs_notify_{store}();
+COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
+"""
+
+
+def stream_ddl(agg: str) -> str:
+    """DDL bringing aggregated stream `agg` to our layout (idempotent, additive)."""
+    t = _names.stream_table(agg)
+    maxpos = _names.maxpos_table(agg)
+    cursor = _names.cursor_table(agg)
+    channel = _names.stream_channel(agg)
+    return f"""
+CREATE TABLE IF NOT EXISTS {t} (
+    message_id uuid PRIMARY KEY,
+    origin_stream varchar(255) NOT NULL,
+    origin_stream_version integer NOT NULL,
+    partition integer NOT NULL,
+    position bigint NOT NULL,
+    message_occurred_at timestamp without time zone NOT NULL,
+    origin_stream_global_position bigint NOT NULL,
+    origin_stream_added_at timestamp without time zone NOT NULL,
+    CONSTRAINT {t}_uq UNIQUE (partition, position)
+);
+CREATE INDEX IF NOT EXISTS ix_{t}_origin_stream_global_position
+    ON {t} (origin_stream_global_position);
+CREATE TABLE IF NOT EXISTS {maxpos} (
+    partition integer PRIMARY KEY,
+    max_position bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {cursor} (
+    id integer PRIMARY KEY CHECK (id = 1),
+    global_position bigint NOT NULL,
+    snapshot pg_snapshot,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- depeche-db layouts before 0.12.3 have no max positions yet.
+INSERT INTO {maxpos} (partition, max_position)
+SELECT partition, max(position) FROM {t}
+ WHERE NOT EXISTS (SELECT 1 FROM {maxpos})
+ GROUP BY partition;
+
+CREATE OR REPLACE FUNCTION depeche_rs_stream_notify_{agg}() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify('{channel}', json_build_object(
+      'message_id', n.message_id, 'partition', n.partition, 'position', n.position)::text)
+  FROM (SELECT DISTINCT ON (partition) message_id, partition, position
+          FROM new_rows ORDER BY partition, position DESC) AS n;
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS depeche_stream_new_msg_{agg} ON {t};
+DROP TRIGGER IF EXISTS depeche_rs_stream_notify_{agg} ON {t};
+CREATE TRIGGER depeche_rs_stream_notify_{agg}
+  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_stream_notify_{agg}();
+COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
+"""
+
+
+def _apply(conn: sa.Connection, table: str, key: str, ddl: str) -> None:
+    _lock(conn, key)
+    if _is_current(conn, table):
+        return
+    # Run through the driver without parameters: the DDL contains literal '%' signs.
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(ddl)
+
+
+def ensure_store(engine: sa.Engine, store: str) -> None:
+    """Create or upgrade the store's objects, once, safely under concurrency."""
+    table = _names.message_table(store)
+    with connect(engine) as conn:
+        if _is_current(conn, table):
+            return
+        conn.rollback()
+        with conn.begin():
+            _apply(conn, table, "store:" + store, store_ddl(store))
+
+
+def ensure_stream(engine: sa.Engine, agg: str) -> None:
+    """Create or upgrade the aggregated stream's objects, once, safely under concurrency."""
+    table = _names.stream_table(agg)
+    with connect(engine) as conn:
+        if _is_current(conn, table) and _column_exists(conn, _names.cursor_table(agg), "snapshot"):
+            return
+        conn.rollback()
+        with conn.begin():
+            _apply(conn, table, "stream:" + agg, stream_ddl(agg))

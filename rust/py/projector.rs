@@ -1,0 +1,248 @@
+//! `_native.Projector`: drives the engine's batches from Python, entering Python at most
+//! once per batch (to call a Python partitioner or fetch missing message times).
+
+use chrono::NaiveDateTime;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use crate::core::{
+    Assignment, BuiltinPartitioner, BuiltinStep, Error, OriginRow, PendingBatch,
+    Projector as Engine, ProjectorConfig,
+};
+use crate::py::runtime::block_on;
+
+/// A projector for one aggregated stream, holding one connection.
+///
+/// Not shareable between threads at once (a second concurrent call raises); the Python
+/// `StreamProjector` serialises calls.
+#[pyclass(module = "depeche_rs._native")]
+pub struct Projector {
+    dsn: String,
+    config: ProjectorConfig,
+    engine: Option<(u32, Engine)>,
+}
+
+type Resolved = Vec<(Option<i64>, Option<NaiveDateTime>)>;
+
+#[pymethods]
+impl Projector {
+    /// `partitioner` is "stream_name", "hash_mod" (with `modulus`) or None (the caller's
+    /// `resolve` callback assigns every partition).
+    #[new]
+    #[pyo3(signature = (dsn, store, stream, wildcards, batch_size, partitioner=None, modulus=None))]
+    fn new(
+        dsn: String,
+        store: &str,
+        stream: &str,
+        wildcards: Vec<String>,
+        batch_size: usize,
+        partitioner: Option<&str>,
+        modulus: Option<u32>,
+    ) -> PyResult<Self> {
+        let partitioner = match (partitioner, modulus) {
+            (None, _) => None,
+            (Some("stream_name"), _) => Some(BuiltinPartitioner::StreamName),
+            (Some("hash_mod"), Some(n)) if n >= 1 => Some(BuiltinPartitioner::HashMod(n)),
+            (Some(other), _) => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown built-in partitioner {other:?} (or hash_mod without a modulus >= 1)"
+                )))
+            }
+        };
+        let config = ProjectorConfig::new(store, stream, wildcards, batch_size, partitioner)?;
+        Ok(Self { dsn, config, engine: None })
+    }
+
+    /// Project batches until none is left, the budget is over or `max_batches` ran.
+    ///
+    /// `resolve(rows, need_partition)` is called with a list of
+    /// `(id_bytes, stream, version, global_position, added_at, occurred_at, message_json)`
+    /// and returns one `(partition, occurred_at)` per row (naive UTC datetimes). Returns
+    /// `(projected, more_messages_available, locked_by_another_projector)`.
+    #[pyo3(signature = (resolve=None, budget=None, max_batches=None))]
+    fn run(
+        &mut self,
+        py: Python<'_>,
+        resolve: Option<Py<PyAny>>,
+        budget: Option<Py<PyAny>>,
+        max_batches: Option<usize>,
+    ) -> PyResult<(usize, bool, bool)> {
+        let mut total = 0usize;
+        let mut batches = 0usize;
+        loop {
+            let engine = self.engine(py)?;
+            let step = block_on(py, engine.run_builtin_batch());
+            let step = match step {
+                Ok(step) => step,
+                Err(e) => {
+                    self.drop_if_closed();
+                    return Err(e);
+                }
+            };
+            let more = match step {
+                BuiltinStep::Locked => return Ok((total, false, true)),
+                BuiltinStep::Done(outcome) => {
+                    total += outcome.projected;
+                    outcome.more
+                }
+                BuiltinStep::NeedsCaller(batch) => {
+                    let more = batch.limit_hit();
+                    total += self.finish_with_python(py, batch, resolve.as_ref())?;
+                    more
+                }
+            };
+            batches += 1;
+            if !more || max_batches.is_some_and(|m| batches >= m) {
+                return Ok((total, more, false));
+            }
+            if let Some(budget) = &budget {
+                if budget.bind(py).call_method0("over_budget")?.is_truthy()? {
+                    return Ok((total, true, false));
+                }
+            }
+        }
+    }
+
+    /// Close the connection (a new one is opened on the next run).
+    fn close(&mut self) {
+        self.engine = None;
+    }
+}
+
+impl Projector {
+    fn engine(&mut self, py: Python<'_>) -> PyResult<&mut Engine> {
+        let pid = std::process::id();
+        let stale = match &self.engine {
+            Some((owner, engine)) => *owner != pid || engine.is_closed(),
+            None => true,
+        };
+        if stale {
+            if let Some((owner, engine)) = self.engine.take() {
+                if owner == pid {
+                    drop(engine);
+                } else {
+                    // The socket belongs to the parent process: never talk on it.
+                    std::mem::forget(engine);
+                }
+            }
+            let config = self.config.clone();
+            let dsn = self.dsn.clone();
+            let engine = block_on(py, async move { Engine::connect(config, &dsn).await })?;
+            self.engine = Some((pid, engine));
+        }
+        match &mut self.engine {
+            Some((_, engine)) => Ok(engine),
+            None => Err(pyo3::exceptions::PyRuntimeError::new_err("projector has no connection")),
+        }
+    }
+
+    fn drop_if_closed(&mut self) {
+        if self.engine.as_ref().is_some_and(|(_, e)| e.is_closed()) {
+            self.engine = None;
+        }
+    }
+
+    fn finish_with_python(
+        &mut self,
+        py: Python<'_>,
+        batch: PendingBatch,
+        resolve: Option<&Py<PyAny>>,
+    ) -> PyResult<usize> {
+        let builtin = self.config.partitioner;
+        let assignments = match assign(py, &batch, builtin, resolve) {
+            Ok(a) => a,
+            Err(e) => {
+                let engine = self.engine(py)?;
+                let _ = block_on(py, async {
+                    engine.abort().await;
+                    Ok::<(), Error>(())
+                });
+                return Err(e);
+            }
+        };
+        let engine = self.engine(py)?;
+        let outcome = block_on(py, engine.finish_batch(batch, &assignments));
+        match outcome {
+            Ok(o) => Ok(o.projected),
+            Err(e) => {
+                self.drop_if_closed();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Assign every row: the built-in partitioner where there is one, Python for the rest.
+fn assign(
+    py: Python<'_>,
+    batch: &PendingBatch,
+    builtin: Option<BuiltinPartitioner>,
+    resolve: Option<&Py<PyAny>>,
+) -> PyResult<Vec<Assignment>> {
+    let needs: Vec<&OriginRow> = batch
+        .rows
+        .iter()
+        .filter(|r| builtin.is_none() || r.occurred_at.is_none())
+        .collect();
+    let mut resolved: Resolved = Vec::new();
+    if !needs.is_empty() {
+        let Some(resolve) = resolve else {
+            return Err(PyValueError::new_err(
+                "this projector needs a resolve callback (Python partitioner or messages \
+                 without a recorded time)",
+            ));
+        };
+        let rows = PyList::empty(py);
+        for r in &needs {
+            let item = PyTuple::new(
+                py,
+                [
+                    PyBytes::new(py, r.message_id.as_bytes()).into_any(),
+                    r.stream.as_str().into_pyobject(py)?.into_any(),
+                    r.version.into_pyobject(py)?.into_any(),
+                    r.global_position.into_pyobject(py)?.into_any(),
+                    r.added_at.into_pyobject(py)?.into_any(),
+                    r.occurred_at.into_pyobject(py)?.into_any(),
+                    r.message.as_deref().into_pyobject(py)?.into_any(),
+                ],
+            )?;
+            rows.append(item)?;
+        }
+        resolved = resolve.bind(py).call1((rows, builtin.is_none()))?.extract()?;
+        if resolved.len() != needs.len() {
+            return Err(PyValueError::new_err(format!(
+                "resolve returned {} results for {} messages",
+                resolved.len(),
+                needs.len()
+            )));
+        }
+    }
+    let mut from_python = resolved.into_iter();
+    let mut out = Vec::with_capacity(batch.rows.len());
+    for row in &batch.rows {
+        let python = if builtin.is_none() || row.occurred_at.is_none() {
+            from_python.next()
+        } else {
+            None
+        };
+        let partition = match (builtin, python.and_then(|p| p.0)) {
+            (Some(b), _) => b.partition(&row.stream),
+            (None, Some(p)) => p,
+            (None, None) => {
+                return Err(PyValueError::new_err(format!(
+                    "no partition for message {} of stream {:?}",
+                    row.message_id, row.stream
+                )))
+            }
+        };
+        let Some(occurred_at) = row.occurred_at.or(python.and_then(|p| p.1)) else {
+            return Err(PyValueError::new_err(format!(
+                "no message time for message {} of stream {:?}",
+                row.message_id, row.stream
+            )));
+        };
+        out.push(Assignment { partition, occurred_at });
+    }
+    Ok(out)
+}

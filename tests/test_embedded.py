@@ -1,0 +1,150 @@
+"""The embedded PostgreSQL server: start, reuse, stop, and the errors on bad data dirs."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import socket
+import sys
+import types
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+
+
+def _load_embedded() -> types.ModuleType:
+    try:
+        return importlib.import_module("depeche_rs._embedded")
+    except ImportError:
+        # The package __init__ needs the native extension; this module does not, so it can
+        # be tested from a source tree where the extension is not built yet.
+        package_dir = Path(__file__).resolve().parents[1] / "python" / "depeche_rs"
+        for name in [m for m in sys.modules if m == "depeche_rs" or m.startswith("depeche_rs.")]:
+            del sys.modules[name]
+        package = types.ModuleType("depeche_rs")
+        package.__path__ = [str(package_dir)]
+        sys.modules["depeche_rs"] = package
+        return importlib.import_module("depeche_rs._embedded")
+
+
+embedded = _load_embedded()
+EmbeddedPostgresError = importlib.import_module("depeche_rs._exceptions").EmbeddedPostgresError
+
+DSN_RE = re.compile(r"postgresql://postgres@127\.0\.0\.1:(\d+)/depeche\Z")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "pgdata"
+    yield path
+    embedded.stop_embedded(path)
+
+
+def _port(dsn: str) -> int:
+    match = DSN_RE.match(dsn)
+    assert match is not None, dsn
+    return int(match.group(1))
+
+
+def test_start_connect_reuse_stop_restart(data_dir: Path) -> None:
+    dsn = embedded.start_embedded(data_dir)
+    port = _port(dsn)
+
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("select 1").fetchall() == [(1,)]
+        assert conn.execute("select current_database()").fetchall() == [("depeche",)]
+        assert conn.execute("show listen_addresses").fetchall() == [("127.0.0.1",)]
+        assert conn.execute("show server_encoding").fetchall() == [("UTF8",)]
+        assert conn.execute(
+            "select datcollate, datctype from pg_database where datname = current_database()"
+        ).fetchall() == [("C", "C")]
+    assert (data_dir / "PG_VERSION").read_text().strip() == "18"
+    assert (data_dir / "depeche-rs.port").read_text().strip() == str(port)
+    assert (data_dir / f".s.PGSQL.{port}").exists()
+    if os.geteuid() == 0:
+        assert data_dir.stat().st_uid != 0
+
+    assert embedded.start_embedded(data_dir) == dsn
+
+    embedded.stop_embedded(data_dir)
+    assert not (data_dir / "postmaster.pid").exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn, connect_timeout=2)
+    embedded.stop_embedded(data_dir)  # stopping a stopped server is a no-op
+
+    # Restarting an existing cluster keeps its data and, the port being free, its DSN.
+    assert embedded.start_embedded(data_dir) == dsn
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("select 1").fetchall() == [(1,)]
+
+
+def test_explicit_port(data_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    dsn = embedded.start_embedded(data_dir, port=free_port)
+    assert _port(dsn) == free_port
+
+
+def test_data_dir_from_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    monkeypatch.setenv("DEPECHE_RS_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    dsn = embedded.start_embedded()
+    assert (data_dir / "postmaster.pid").read_text().splitlines()[3] == str(_port(dsn))
+    assert not (tmp_path / ".depeche-rs").exists()
+    embedded.stop_embedded()
+    assert not (data_dir / "postmaster.pid").exists()
+
+
+def test_data_dir_that_is_a_file_raises(tmp_path: Path) -> None:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    with pytest.raises(EmbeddedPostgresError, match="exists and is not a directory"):
+        embedded.start_embedded(path)
+    with pytest.raises(EmbeddedPostgresError, match="cannot use"):
+        embedded.start_embedded(path / "pgdata")
+    assert path.read_text() == "not a directory"
+
+
+def test_non_empty_directory_that_is_no_cluster_raises(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(EmbeddedPostgresError, match="neither empty nor a PostgreSQL data"):
+        embedded.start_embedded(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_busy_port_raises_with_server_log(data_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy_port = sock.getsockname()[1]
+        with pytest.raises(EmbeddedPostgresError) as excinfo:
+            embedded.start_embedded(data_dir, port=busy_port)
+    message = str(excinfo.value)
+    assert f"127.0.0.1:{busy_port}" in message
+    assert "depeche-rs.log ---" in message
+    assert "could not bind IPv4 address" in message
+
+
+def test_invalid_port_raises(data_dir: Path) -> None:
+    with pytest.raises(EmbeddedPostgresError, match="between 1 and 65535"):
+        embedded.start_embedded(data_dir, port=70000)
+    assert not data_dir.exists()
+
+
+def test_concurrent_starts_share_one_server(data_dir: Path) -> None:
+    # Separate lock file descriptions exclude each other across threads as across
+    # processes, so threads exercise the same path as parallel test workers.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        dsns = list(pool.map(lambda _: embedded.start_embedded(data_dir), range(4)))
+    assert len(set(dsns)) == 1
+    with psycopg.connect(dsns[0]) as conn:
+        assert conn.execute(
+            "select count(*) from pg_database where datname = 'depeche'"
+        ).fetchall() == [(1,)]
