@@ -6,6 +6,7 @@ import contextlib as _contextlib
 import datetime as _dt
 import json as _json
 import uuid as _uuid
+import weakref as _weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -180,6 +181,9 @@ class MessageStore(Generic[E]):
 
         self.name = _names.validate_name(name, "store name")
         self.engine: _sa.Engine = _to_engine(engine)
+        if self.engine is not engine:
+            # We made this engine, so we close its pooled connections with the store.
+            _weakref.finalize(self, self.engine.dispose)
         self._serializer = serializer
         self._table = _names.message_table(name)
         self._write_sql = (
