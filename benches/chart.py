@@ -38,14 +38,19 @@ def _grouped_bars(
     """Horizontal bars: one group per figure, one bar per library that has a value."""
     height = 0.8 / max(len(libs), 1)
     labels = []
+    largest = 0.0
+    smallest = float("inf")
     for row, figure in enumerate(figures):
         labels.append(figure["label"])
-        for index, lib in enumerate(libs):
+        # Bars of the libraries this figure has, centred on its row.
+        present = [lib for lib in libs if _median(figure, lib) is not None]
+        for index, lib in enumerate(present):
             value = _median(figure, lib)
-            if value is None:
-                continue
-            y = row + (index - (len(libs) - 1) / 2) * height
+            assert value is not None
+            y = row + (index - (len(present) - 1) / 2) * height
             low, high = _spread(figure, lib)
+            largest = max(largest, value + high)
+            smallest = min(smallest, max(value - low, 1e-9))
             axis.barh(
                 y,
                 value,
@@ -55,17 +60,24 @@ def _grouped_bars(
                 capsize=2,
                 label=LABELS.get(lib, lib),
             )
-            axis.text(value, y, f" {value:,.0f}", va="center", fontsize=7)
+            axis.text(value + high, y, f" {value:,.0f}", va="center", fontsize=7)
     axis.set_yticks(range(len(figures)))
     axis.set_yticklabels(labels, fontsize=8)
     axis.invert_yaxis()
     if log:
         axis.set_xscale("log")
+    # Room on the right for the value printed after the longest bar, and on a log axis
+    # a left edge well below the shortest bar, so that bar stays visible.
+    if largest > 0:
+        if log:
+            axis.set_xlim(left=smallest / 5, right=largest * 4)
+        else:
+            axis.set_xlim(left=0, right=largest * 1.45)
     axis.set_xlabel(unit)
     # One legend entry per library, however many bars it has.
     handles, names = axis.get_legend_handles_labels()
-    unique = dict(zip(names, handles))
-    axis.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    unique = dict(zip(names, handles, strict=False))
+    axis.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     axis.grid(axis="x", alpha=0.3)
 
 
@@ -87,7 +99,7 @@ def render(document: dict[str, Any], out: Path) -> Path:
     canvas, axes = plt.subplots(
         len(panels),
         1,
-        figsize=(10, 1.2 + 0.45 * sum(heights) * max(len(libs), 1)),
+        figsize=(10, 1.5 + 0.32 * sum(heights) * max(len(libs), 1)),
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
     )
@@ -111,7 +123,7 @@ def render(document: dict[str, Any], out: Path) -> Path:
         f"{machine.get('cores_logical')} cores, {machine.get('memory_gib')} GiB, {postgres})",
         fontsize=10,
     )
-    canvas.tight_layout()
+    canvas.tight_layout(rect=(0, 0, 1, 0.97))
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.savefig(out, dpi=110)
     plt.close(canvas)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-rate", type=float, help="live writer rate, msg/s")
     parser.add_argument("--latency-seconds", type=float, help="live measurement duration")
     parser.add_argument(
+        "--latency-writer",
+        choices=["sql", "library"],
+        help="live writer: plain SQL INSERTs, the same for both (default), or each "
+        "library's store.write",
+    )
+    parser.add_argument(
+        "--latency-ack",
+        choices=["SINGLE", "BATCHED"],
+        help="ack strategy of the live subscription (default BATCHED)",
+    )
+    parser.add_argument(
         "--memory-sizes", help="comma-separated backlog sizes for the memory workload"
     )
     parser.add_argument(
@@ -107,6 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(the drop-in case, default), or the DSN string",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print the table of a stored run, redraw its chart "
+        "(and with --update-docs, publish it)",
+    )
     parser.add_argument(
         "--update-docs",
         action="store_true",
@@ -134,6 +153,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "drain_messages": args.drain_messages,
         "latency_rate": args.latency_rate,
         "latency_seconds": args.latency_seconds,
+        "latency_writer": args.latency_writer,
+        "latency_ack": args.latency_ack,
         "memory_time_limit_s": args.memory_time_limit,
     }
     for field, value in overrides.items():
@@ -180,6 +201,8 @@ def run_workloads(bench: Bench) -> list[Figure]:
         produced: list[Figure] = module.run(bench)
         figures.extend(produced)
         by_key.update({figure.key: figure for figure in produced})
+    for figure in by_key.values():
+        note_identical_output(bench, figure, by_key.get("projection/sql-ceiling"))
     # Our fraction of the ceiling sits right after the ceiling in the table.
     stream_name_projection = by_key.get("projection/stream-name")
     ceiling = by_key.get("projection/sql-ceiling")
@@ -187,6 +210,27 @@ def run_workloads(bench: Bench) -> list[Figure]:
         position = figures.index(ceiling) + 1
         figures.insert(position, sql_ceiling.fractions(stream_name_projection, ceiling))
     return figures
+
+
+def note_identical_output(bench: Bench, figure: Figure, ceiling: Figure | None) -> None:
+    """Record whether every projection of the same data put every message in the same
+    partition and position: only then do their speeds compare like with like."""
+    if not figure.key.startswith("projection/") or figure.shared:
+        return
+    digests = {
+        lib: {detail.get("digest") for detail in details} for lib, details in figure.details.items()
+    }
+    if figure.key == "projection/stream-name" and ceiling is not None:
+        digests.update({lib: {d.get("digest") for d in ds} for lib, ds in ceiling.details.items()})
+    distinct = set().union(*digests.values()) if digests else set()
+    if len(digests) < 2:
+        return
+    same = len(distinct) == 1
+    figure.params["identical_output"] = same
+    figure.params["compared"] = sorted(digests)
+    verdict = "identical" if same else "differ (same messages, other positions)"
+    compared = ", ".join(sorted(digests))
+    bench.progress.note(f"{figure.key}: projected rows {verdict} across {compared}")
 
 
 def failed(figures: list[Figure], requested: list[str], unavailable: dict[str, str]) -> list[str]:
@@ -201,8 +245,55 @@ def failed(figures: list[Figure], requested: list[str], unavailable: dict[str, s
     return problems
 
 
+def publish(
+    document: dict[str, Any], figures: list[Figure], out: Path, args: argparse.Namespace
+) -> None:
+    """Print the table, draw the chart next to the JSON, update the docs if asked."""
+    unavailable = {
+        name: info["error"]
+        for name, info in document["libraries"].items()
+        if not info.get("available")
+    }
+    title = (
+        f"depeche-rs vs depeche-db, {document['mode']} run of {document['finished_at'][:16]}, "
+        f"{document['settings']['repetitions']} repetition(s), {document['duration_s']:.0f}s"
+    )
+    machine = report.machine_line(document["machine"])
+    print(report.terminal_table(figures, unavailable, title, machine))
+    print(f"\nraw figures: {out}")
+    chart_path: Path | None = None
+    if not args.no_chart:
+        try:
+            import chart
+
+            chart_path = chart.render(document, out.with_suffix(".png"))
+            print(f"chart: {chart_path}")
+        except Exception as exc:
+            print(f"chart not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if args.update_docs:
+        if document["mode"] != "full":
+            print("docs not updated: they show full runs only", file=sys.stderr)
+            return
+        docs = REPO_DIR / "docs" / "benchmarks.md"
+        relative = None
+        if chart_path is not None:
+            relative = str(Path("..") / chart_path.resolve().relative_to(REPO_DIR))
+        report.update_docs(docs, report.docs_section(document, figures, relative))
+        print(f"updated: {docs}")
+
+
+def report_only(path: Path, args: argparse.Namespace) -> int:
+    """Re-print, re-chart and optionally publish a stored run without running anything."""
+    document = json.loads(path.read_text())
+    figures = [Figure.from_dict(data) for data in document["figures"]]
+    publish(document, figures, path, args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only is not None:
+        return report_only(args.report_only, args)
     settings = build_settings(args)
     requested = [name.strip() for name in args.libs.split(",") if name.strip()]
     out: Path = args.out or BENCH_DIR / "results" / ("quick.json" if args.quick else "latest.json")
@@ -226,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         postgres = database.server_info(bench.conn)
-        machine = report.machine_info(postgres, dsn_source)
+        machine = report.machine_info(postgres, dsn_source, dsn)
         progress.total = sum(WORKLOADS[name].steps(bench) for name in settings.workloads)
         mode = "quick" if settings.quick else "full"
         progress.note(
@@ -266,30 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report.write_json(out, document)
     bench.close()
-
-    title = (
-        f"depeche-rs vs depeche-db, {mode} run, {settings.repetitions} repetition(s), "
-        f"{document['duration_s']:.0f}s"
-    )
-    print(report.terminal_table(figures, unavailable, title, report.machine_line(machine)))
-    print(f"\nraw figures: {out}")
-
-    chart_path: Path | None = None
-    if not args.no_chart:
-        try:
-            import chart
-
-            chart_path = chart.render(document, out.with_suffix(".png"))
-            print(f"chart: {chart_path}")
-        except Exception as exc:
-            print(f"chart not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
-    if args.update_docs:
-        docs = REPO_DIR / "docs" / "benchmarks.md"
-        relative = None
-        if chart_path is not None:
-            relative = str(Path("..") / chart_path.resolve().relative_to(REPO_DIR))
-        report.update_docs(docs, report.docs_section(document, figures, relative))
-        print(f"updated: {docs}")
+    publish(document, figures, out, args)
 
     if args.require_all:
         problems = failed(figures, requested, unavailable)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ class Settings:
     latency_seconds: float
     latency_warmup_seconds: float
     latency_settle_seconds: float
+    latency_writer: str
+    latency_ack: str
     memory_sizes: list[int]
     memory_time_limit_s: float
     workloads: list[str]
@@ -54,8 +57,10 @@ class Settings:
             latency_seconds=20.0,
             latency_warmup_seconds=2.0,
             latency_settle_seconds=30.0,
+            latency_writer="sql",
+            latency_ack="BATCHED",
             memory_sizes=[100_000, 1_000_000],
-            memory_time_limit_s=900.0,
+            memory_time_limit_s=600.0,
             workloads=[],
         )
 
@@ -76,6 +81,8 @@ class Settings:
             latency_seconds=3.0,
             latency_warmup_seconds=1.0,
             latency_settle_seconds=8.0,
+            latency_writer="sql",
+            latency_ack="BATCHED",
             memory_sizes=[5_000, 10_000],
             memory_time_limit_s=60.0,
             workloads=[],
@@ -106,6 +113,28 @@ class Progress:
         self.done += 1
         self.note(text)
 
+    @contextmanager
+    def running(self, text: str, every: float = 30.0) -> Iterator[None]:
+        """Print a heartbeat every `every` seconds while a long step runs.
+
+        depeche-db projects a 100k backlog in minutes inside one transaction, with nothing
+        to show meanwhile; the heartbeat tells the reader the run is alive.
+        """
+        halt = threading.Event()
+        started = time.monotonic()
+
+        def beat() -> None:
+            while not halt.wait(every):
+                self.note(f"... {text}: running for {time.monotonic() - started:.0f}s")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            halt.set()
+            thread.join()
+
 
 @dataclasses.dataclass
 class Bench:
@@ -124,6 +153,9 @@ class Bench:
         """The harness's own autocommit connection, reopened if a workload broke it."""
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = database.connect(self.dsn)
+            # A library that leaves a transaction open on its tables must not hang the
+            # cleanup forever: the DROP then fails, is reported, and the run goes on.
+            self._conn.execute("SET lock_timeout = '60s'")
         return self._conn
 
     def close(self) -> None:

@@ -28,12 +28,28 @@ def _rss_kib() -> int:
     return int(psutil.Process().memory_info().rss // 1024)
 
 
+def _peak_rss_kib() -> int:
+    """Peak RSS of this process image, in KiB.
+
+    Linux keeps ru_maxrss across exec, so a child started from a large parent reports the
+    parent's size; VmHWM belongs to the new address space and starts from zero at exec.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # macOS reports bytes, Linux KiB.
+    return int(peak // 1024 if sys.platform == "darwin" else peak)
+
+
 def project(args: argparse.Namespace, lib: Library) -> dict[str, Any]:
     """Project a backlog and report peak RSS (the kernel's high-water mark for us)."""
     store = lib.store(args.store)
     stream = lib.aggregated_stream(store, args.stream, args.partitioner, args.batch_size)
     baseline = _rss_kib()
-    baseline_peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    baseline_peak = _peak_rss_kib()
     deadline = time.monotonic() + args.time_limit
     started = time.perf_counter()
     projected = 0
@@ -56,7 +72,7 @@ def project(args: argparse.Namespace, lib: Library) -> dict[str, Any]:
     return {
         "baseline_rss_kib": baseline,
         "baseline_peak_rss_kib": baseline_peak,
-        "peak_rss_kib": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "peak_rss_kib": _peak_rss_kib(),
         "final_rss_kib": _rss_kib(),
         "projected": projected,
         "completed": completed,
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         result = project(args, lib) if args.mode == "project" else serve(args, lib)
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
+        # The parent shows the tail of stderr when a child dies before it is ready.
+        print(result["error"], file=sys.stderr, flush=True)
     Path(args.result).write_text(json.dumps(result))
     return 0 if "error" not in result else 1
 

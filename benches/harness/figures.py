@@ -119,3 +119,25 @@ class Figure:
         ratio = self.ratio("depeche_rs", "depeche_db")
         result["ratio_rs_over_db"] = ratio
         return result
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Figure:
+        """Rebuild a figure from `as_dict()` output (JSON nulls back to NaN)."""
+        figure = cls(
+            key=data["key"],
+            label=data["label"],
+            unit=data["unit"],
+            better=data["better"],
+            group=data["group"],
+            throughput=bool(data.get("throughput")),
+            shared=bool(data.get("shared")),
+            params=dict(data.get("params") or {}),
+        )
+        for lib, entry in data.get("libs", {}).items():
+            values = [math.nan if v is None else float(v) for v in entry.get("values") or []]
+            if values:
+                figure.values[lib] = values
+                figure.details[lib] = list(entry.get("details") or [{} for _ in values])
+            if entry.get("error"):
+                figure.errors[lib] = entry["error"]
+        return figure

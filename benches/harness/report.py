@@ -21,11 +21,21 @@ SQL = "postgresql"
 _ARROW = {"higher": "↑", "lower": "↓"}
 
 
-def machine_info(postgres: dict[str, Any], dsn_source: str) -> dict[str, Any]:
+def database_host(dsn: str) -> str:
+    """Host of the DSN, without user or password, for the record."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(dsn).hostname or "local socket"
+    except ValueError:
+        return "unknown"
+
+
+def machine_info(postgres: dict[str, Any], dsn_source: str, dsn: str) -> dict[str, Any]:
     cpu_model = ""
-    with_path = Path("/proc/cpuinfo")
-    if with_path.exists():
-        for line in with_path.read_text().splitlines():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
@@ -50,6 +60,7 @@ def machine_info(postgres: dict[str, Any], dsn_source: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "git_commit": commit,
         "postgres": postgres,
+        "postgres_host": database_host(dsn),
         "dsn_source": dsn_source,
     }
 
@@ -91,7 +102,18 @@ def format_summary(summary: Summary | None, unit: str) -> str:
 def format_ratio(ratio: float | None) -> str:
     if ratio is None or not math.isfinite(ratio):
         return "n/a"
-    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
+
+
+def format_cell(figure: Figure, lib: str) -> str:
+    """A library's cell; marks figures that are bounds rather than measurements."""
+    text = format_summary(figure.summary(lib), figure.unit)
+    details = figure.details.get(lib, [])
+    if any(detail.get("lower_bound") for detail in details):
+        text = ">= " + text
+    if any(detail.get("partial") for detail in details):
+        text += " (partial)"
+    return text
 
 
 def table_rows(figures: list[Figure]) -> list[list[str]]:
@@ -99,15 +121,14 @@ def table_rows(figures: list[Figure]) -> list[list[str]]:
     for figure in figures:
         unit = f"{figure.unit} {_ARROW[figure.better]}"
         if figure.shared:
-            shared = format_summary(figure.summary(SQL), figure.unit)
-            rows.append([figure.label, unit, shared, "(PostgreSQL alone)", ""])
+            rows.append([figure.label, unit, format_cell(figure, SQL), "(PostgreSQL alone)", ""])
             continue
         rows.append(
             [
                 figure.label,
                 unit,
-                format_summary(figure.summary(BASE), figure.unit),
-                format_summary(figure.summary(CANDIDATE), figure.unit),
+                format_cell(figure, BASE),
+                format_cell(figure, CANDIDATE),
                 format_ratio(figure.ratio(CANDIDATE, BASE)),
             ]
         )
@@ -147,7 +168,8 @@ def terminal_table(
     out.extend(line(row) for row in rows)
     out.append("")
     out.append("median ±half-range over repetitions; ↑ higher is better, ↓ lower is better;")
-    out.append("rs/db = depeche-rs median / depeche-db median.")
+    out.append("rs/db = depeche-rs median / depeche-db median; '>=' = some messages were not")
+    out.append("seen before the timeout (lower bound); '(partial)' = stopped at the time limit.")
     notes = errors_by_library(figures, unavailable)
     if notes:
         out.append("")
@@ -190,6 +212,9 @@ DOCS_END = "<!-- bench-results:end -->"
 def docs_section(document: dict[str, Any], figures: list[Figure], chart: str | None) -> str:
     machine = document["machine"]
     settings = document["settings"]
+    host = machine.get("postgres_host", "")
+    local = host in ("127.0.0.1", "localhost", "::1", "local socket")
+    where = "on the same host" if local else f"at {host or 'an unknown host'}"
     libs = document["libraries"]
     versions = ", ".join(
         f"{LABELS.get(name, name)} {info.get('version', '')}".strip()
@@ -201,14 +226,18 @@ def docs_section(document: dict[str, Any], figures: list[Figure], chart: str | N
         "",
         f"Run of {document['finished_at'][:10]} ({document['mode']} mode, "
         f"{settings['repetitions']} repetition(s), {document['duration_s'] / 60:.0f} min), "
-        f"commit `{machine.get('git_commit') or 'unknown'}`: {versions}.",
+        f"commit `{machine.get('git_commit') or 'unknown'}`: {versions}. "
+        f"Projection backlog {settings['messages']:,} messages over "
+        f"{settings['streams']:,} streams.",
         "",
-        f"Machine: {machine_line(machine)}; PostgreSQL on the same host.",
+        f"Machine: {machine_line(machine)}; PostgreSQL {where}.",
         "",
         markdown_table(figures),
         "",
         "Median ±half-range over repetitions; ↑ higher is better, ↓ lower is better; "
-        "rs/db = depeche-rs median / depeche-db median.",
+        "rs/db = depeche-rs median / depeche-db median; `>=`: some messages were not seen "
+        "before the timeout, so the figure is a lower bound; `(partial)`: the projection "
+        "was stopped at the time limit.",
     ]
     notes = errors_by_library(figures, {k: v["error"] for k, v in libs.items() if v.get("error")})
     if notes:

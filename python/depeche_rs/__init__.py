@@ -20,6 +20,7 @@ from ._exceptions import (
     PartitionerError,
     SerializationError,
 )
+from ._executor import Executor
 from ._factories import AggregatedStreamFactory, SubscriptionFactory
 from ._interfaces import (
     AggregatedStreamMessage,
@@ -45,6 +46,12 @@ from ._interfaces import (
     SubscriptionStateProvider,
     TimeBudget,
 )
+from ._message_handler import (
+    DuplicateHandlerError,
+    InvalidHandlerError,
+    MessageHandler,
+    MessageHandlerRegister,
+)
 from ._message_store import (
     MessageStore,
     MessageStoreProtocol,
@@ -52,26 +59,50 @@ from ._message_store import (
     MessageStoreReaderProtocol,
 )
 from ._projector import FullUpdateResult, StreamProjector
+from ._subscription import (
+    AckOp,
+    AckRolledback,
+    AckStrategy,
+    ExitSubscriptionErrorHandler,
+    LogAndIgnoreSubscriptionErrorHandler,
+    NoAckOp,
+    StartAtNextMessage,
+    StartAtPointInTime,
+    Subscription,
+    SubscriptionMessageHandler,
+)
+from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AckOp",
+    "AckRolledback",
+    "AckStrategy",
     "AggregatedStream",
     "AggregatedStreamFactory",
     "AggregatedStreamMessage",
+    "BatchedAckSubscriptionRunner",
     "CallMiddleware",
     "DatabaseConnectionError",
     "DatabaseError",
     "DepecheError",
+    "DuplicateHandlerError",
     "EmbeddedPostgresError",
     "ErrorAction",
+    "Executor",
+    "ExitSubscriptionErrorHandler",
     "FixedTimeBudget",
     "FullUpdateResult",
     "HandlerDescriptor",
+    "InvalidHandlerError",
     "InvalidMessageError",
     "InvalidNameError",
     "InvalidWildcardError",
     "LockProvider",
+    "LogAndIgnoreSubscriptionErrorHandler",
+    "MessageHandler",
+    "MessageHandlerRegister",
     "MessageHandlerRegisterProtocol",
     "MessageIdMismatchError",
     "MessageNotFound",
@@ -85,18 +116,24 @@ __all__ = [
     "MessageStoreReaderProtocol",
     "MissingTablesError",
     "NaiveDatetimeError",
+    "NoAckOp",
     "OptimisticConcurrencyError",
     "PartitionerError",
     "RunOnNotification",
     "RunOnNotificationResult",
     "SerializationError",
+    "StartAtNextMessage",
+    "StartAtPointInTime",
     "StoredMessage",
     "StreamPartitionStatistic",
     "StreamProjector",
+    "Subscription",
     "SubscriptionErrorHandler",
     "SubscriptionFactory",
     "SubscriptionMessage",
     "SubscriptionMessageBatch",
+    "SubscriptionMessageHandler",
+    "SubscriptionRunner",
     "SubscriptionStartPoint",
     "SubscriptionState",
     "SubscriptionStateProvider",

@@ -6,11 +6,17 @@ use crate::core::error::{Error, Result};
 
 /// Connect to `dsn` (a libpq URL or key/value string) and drive the connection in a
 /// background task of the current runtime.
-pub async fn connect(dsn: &str) -> Result<Client> {
-    let config: tokio_postgres::Config = dsn.parse().map_err(|e| Error::Connection {
+///
+/// `application_name` is set unless the DSN sets one, so operators can tell our sessions
+/// apart in `pg_stat_activity`.
+pub async fn connect(dsn: &str, application_name: &str) -> Result<Client> {
+    let mut config: tokio_postgres::Config = dsn.parse().map_err(|e| Error::Connection {
         what: "parsing the DSN",
         source: e,
     })?;
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
     let (client, connection) =
         config.connect(NoTls).await.map_err(|e| Error::Connection { what: "connecting", source: e })?;
     tokio::spawn(async move {

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
@@ -91,33 +90,47 @@ struct Statements {
 pub struct Projector {
     config: ProjectorConfig,
     client: Client,
-    statements: Statements,
+    statements: Option<Statements>,
     in_transaction: bool,
 }
 
 impl Projector {
-    /// Connect and prepare statements. Fails if the tables are missing.
+    /// Connect. Statements are prepared in the first batch, once the stream's lock is
+    /// held: preparing the INSERT needs a lock that a concurrent holder would block.
     pub async fn connect(config: ProjectorConfig, dsn: &str) -> Result<Self> {
-        let client = connect(dsn).await?;
-        let t = &config.tables;
-        let prepare = |sql: String, types: &'static [Type]| {
-            let client = &client;
+        let name = format!("depeche-rs projector {}", config.tables.stream);
+        let client = connect(dsn, &name).await?;
+        Ok(Self { config, client, statements: None, in_transaction: false })
+    }
+
+    async fn prepare(&self) -> Result<Statements> {
+        let t = &self.config.tables;
+        let prepare = |sql: String| {
+            let client = &self.client;
             async move {
                 client
-                    .prepare_typed(&sql, types)
+                    .prepare_typed(&sql, &[])
                     .await
                     .map_err(|e| Error::from_pg("preparing the projector's statements", e))
             }
         };
-        let statements = Statements {
-            read_cursor: prepare(sql::read_cursor(t), &[]).await?,
-            candidates: prepare(sql::candidates(t), &[]).await?,
-            read_positions: prepare(sql::read_positions(t), &[]).await?,
-            insert_rows: prepare(sql::insert_rows(t), &[]).await?,
-            upsert_positions: prepare(sql::upsert_positions(t), &[]).await?,
-            upsert_cursor: prepare(sql::upsert_cursor(t), &[]).await?,
-        };
-        Ok(Self { config, client, statements, in_transaction: false })
+        let (read_cursor, candidates, read_positions, insert_rows, upsert_positions, upsert_cursor) =
+            tokio::try_join!(
+                prepare(sql::read_cursor(t)),
+                prepare(sql::candidates(t)),
+                prepare(sql::read_positions(t)),
+                prepare(sql::insert_rows(t)),
+                prepare(sql::upsert_positions(t)),
+                prepare(sql::upsert_cursor(t)),
+            )?;
+        Ok(Statements {
+            read_cursor,
+            candidates,
+            read_positions,
+            insert_rows,
+            upsert_positions,
+            upsert_cursor,
+        })
     }
 
     /// The configuration.
@@ -159,7 +172,12 @@ impl Projector {
     }
 
     async fn read_batch(&mut self) -> Result<PendingBatch> {
-        let st = &self.statements;
+        if self.statements.is_none() {
+            self.statements = Some(self.prepare().await?);
+        }
+        let Some(st) = &self.statements else {
+            return Err(Error::Config("projector statements are not prepared".into()));
+        };
         let row = self
             .client
             .query_one(&st.read_cursor, &[])
@@ -250,7 +268,9 @@ impl Projector {
         let mut partitions: Vec<i64> = assignments.iter().map(|a| a.partition).collect();
         partitions.sort_unstable();
         partitions.dedup();
-        let st = &self.statements;
+        let Some(st) = &self.statements else {
+            return Err(Error::Config("projector statements are not prepared".into()));
+        };
         let mut next: HashMap<i64, i64> = partitions.iter().map(|p| (*p, 0)).collect();
         if !batch.rows.is_empty() {
             for r in self

@@ -10,7 +10,7 @@ use crate::core::{
     Assignment, BuiltinPartitioner, BuiltinStep, Error, OriginRow, PendingBatch,
     Projector as Engine, ProjectorConfig,
 };
-use crate::py::runtime::block_on;
+use crate::py::runtime::{block_on, Interrupted};
 
 /// A projector for one aggregated stream, holding one connection.
 ///
@@ -75,10 +75,7 @@ impl Projector {
             let step = block_on(py, engine.run_builtin_batch());
             let step = match step {
                 Ok(step) => step,
-                Err(e) => {
-                    self.drop_if_closed();
-                    return Err(e);
-                }
+                Err(e) => return Err(self.fail(e)),
             };
             let more = match step {
                 BuiltinStep::Locked => return Ok((total, false, true)),
@@ -128,7 +125,8 @@ impl Projector {
             }
             let config = self.config.clone();
             let dsn = self.dsn.clone();
-            let engine = block_on(py, async move { Engine::connect(config, &dsn).await })?;
+            let engine = block_on(py, async move { Engine::connect(config, &dsn).await })
+                .map_err(PyErr::from)?;
             self.engine = Some((pid, engine));
         }
         match &mut self.engine {
@@ -137,10 +135,26 @@ impl Projector {
         }
     }
 
-    fn drop_if_closed(&mut self) {
-        if self.engine.as_ref().is_some_and(|(_, e)| e.is_closed()) {
+    fn open_engine(&mut self) -> PyResult<&mut Engine> {
+        match &mut self.engine {
+            Some((_, engine)) => Ok(engine),
+            None => Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "the projector lost its connection in the middle of a batch",
+            )),
+        }
+    }
+
+    /// Turn a failed call into the Python error, discarding the connection when its
+    /// state is unknown (interrupted midway) or it is gone.
+    fn fail(&mut self, error: Interrupted) -> PyErr {
+        let discard = match &error {
+            Interrupted::Signal(_) => true,
+            Interrupted::Failed(e) => e.is_connection_error(),
+        };
+        if discard || self.engine.as_ref().is_some_and(|(_, e)| e.is_closed()) {
             self.engine = None;
         }
+        PyErr::from(error)
     }
 
     fn finish_with_python(
@@ -153,22 +167,22 @@ impl Projector {
         let assignments = match assign(py, &batch, builtin, resolve) {
             Ok(a) => a,
             Err(e) => {
-                let engine = self.engine(py)?;
-                let _ = block_on(py, async {
+                let engine = self.open_engine()?;
+                if let Err(Interrupted::Signal(_)) = block_on(py, async {
                     engine.abort().await;
                     Ok::<(), Error>(())
-                });
+                }) {
+                    self.engine = None;
+                }
                 return Err(e);
             }
         };
-        let engine = self.engine(py)?;
-        let outcome = block_on(py, engine.finish_batch(batch, &assignments));
-        match outcome {
+        // The batch's transaction lives on this connection, even if it has just died:
+        // finishing on a new one would be wrong, failing on this one is right.
+        let engine = self.open_engine()?;
+        match block_on(py, engine.finish_batch(batch, &assignments)) {
             Ok(o) => Ok(o.projected),
-            Err(e) => {
-                self.drop_if_closed();
-                Err(e)
-            }
+            Err(e) => Err(self.fail(e)),
         }
     }
 }

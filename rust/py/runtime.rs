@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
@@ -36,18 +37,49 @@ pub fn runtime() -> PyResult<Arc<Runtime>> {
     Ok(rt)
 }
 
-/// Run `future` to completion with the GIL released, then check for Ctrl-C.
-///
-/// The future's error becomes the matching Python exception; a pending signal
-/// (KeyboardInterrupt) wins over the result, after the future has completed, so a batch
-/// is never left half done.
-pub fn block_on<F, T>(py: Python<'_>, future: F) -> PyResult<T>
+/// How often a blocked call comes back to Python to look for Ctrl-C.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why [`block_on`] did not return the future's value.
+pub enum Interrupted {
+    /// The future failed.
+    Failed(Error),
+    /// A signal handler raised (e.g. KeyboardInterrupt); the future was dropped midway,
+    /// so the connection it used is in an unknown state and must be discarded.
+    Signal(PyErr),
+}
+
+impl From<Interrupted> for PyErr {
+    fn from(value: Interrupted) -> PyErr {
+        match value {
+            Interrupted::Failed(e) => PyErr::from(e),
+            Interrupted::Signal(e) => e,
+        }
+    }
+}
+
+/// Run `future` to completion with the GIL released, coming back every
+/// [`SIGNAL_CHECK_INTERVAL`] to run Python's signal handlers, so Ctrl-C interrupts
+/// even a call blocked on a lock or a slow query.
+pub fn block_on<F, T>(py: Python<'_>, future: F) -> Result<T, Interrupted>
 where
     F: Future<Output = Result<T, Error>> + Send,
     T: Send,
 {
-    let rt = runtime()?;
-    let result = py.detach(|| rt.block_on(future));
-    py.check_signals()?;
-    result.map_err(PyErr::from)
+    let rt = runtime().map_err(Interrupted::Signal)?;
+    let mut future = Box::pin(future);
+    loop {
+        let slice = py.detach(|| {
+            rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK_INTERVAL, &mut future).await })
+        });
+        match slice {
+            Ok(result) => {
+                // A signal that arrived during the last slice still wins, after the work
+                // completed, so nothing is left half done.
+                py.check_signals().map_err(Interrupted::Signal)?;
+                return result.map_err(Interrupted::Failed);
+            }
+            Err(_elapsed) => py.check_signals().map_err(Interrupted::Signal)?,
+        }
+    }
 }

@@ -105,7 +105,8 @@ def run(bench: Bench) -> list[Figure]:
     for repetition in range(settings.repetitions):
         for lib in bench.order(repetition):
             try:
-                results = measure(bench, lib, repetition)
+                with bench.progress.running(f"drain {lib.label}"):
+                    results = measure(bench, lib, repetition)
             except Exception as exc:
                 for strategy, figure in figures.items():
                     figure.fail(lib.name, error_text(exc))

@@ -81,6 +81,7 @@ def measure(bench: Bench, lib: Library, count: int, index: int) -> dict[str, Any
     result["backlog"] = count
     result["streams"] = streams
     result["peak_rss_mib"] = result["peak_rss_kib"] / 1024
+    result["partial"] = not result["completed"]
     return result
 
 
@@ -104,7 +105,8 @@ def run(bench: Bench) -> list[Figure]:
         )
         for lib in bench.order(index):
             try:
-                detail = measure(bench, lib, count, index)
+                with bench.progress.running(f"memory {size_label(count)} {lib.label}"):
+                    detail = measure(bench, lib, count, index)
             except Exception as exc:
                 figure.fail(lib.name, error_text(exc))
                 bench.progress.step(

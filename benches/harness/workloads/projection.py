@@ -97,7 +97,8 @@ def run(bench: Bench) -> list[Figure]:
             for lib in bench.order(repetition):
                 figure = figures[kind]
                 try:
-                    detail = measure(bench, lib, kind, repetition)
+                    with bench.progress.running(f"projection {kind} {lib.label}"):
+                        detail = measure(bench, lib, kind, repetition)
                 except Exception as exc:
                     figure.fail(lib.name, error_text(exc))
                     bench.progress.step(

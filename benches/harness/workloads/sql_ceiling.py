@@ -144,7 +144,8 @@ def run(bench: Bench) -> list[Figure]:
     figure.params["partition_formula_matches_python"] = check_partitions(bench)
     for repetition in range(settings.repetitions):
         try:
-            detail = measure(bench, repetition)
+            with bench.progress.running("SQL ceiling"):
+                detail = measure(bench, repetition)
         except Exception as exc:
             figure.fail(SQL, error_text(exc))
             bench.progress.step(f"SQL ceiling rep {repetition + 1}: FAILED {error_text(exc)}")

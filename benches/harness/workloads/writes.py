@@ -62,9 +62,7 @@ def measure(bench: Bench, lib: Library, batch: int, repetition: int) -> dict[str
         started = time.perf_counter()
         method = write_batches(lib, store, batches)
         elapsed = time.perf_counter() - started
-        row = bench.conn.execute(
-            f"SELECT count(*) FROM depeche_msgs_{name}".encode()
-        ).fetchone()
+        row = bench.conn.execute(f"SELECT count(*) FROM depeche_msgs_{name}".encode()).fetchone()
     written = int(row[0]) if row else 0
     if written != count:
         raise RuntimeError(f"table holds {written} of {count} written messages")
@@ -80,6 +78,10 @@ def measure(bench: Bench, lib: Library, batch: int, repetition: int) -> dict[str
 
 def run(bench: Bench) -> list[Figure]:
     settings = bench.settings
+    counts = {
+        batch: settings.write_messages if batch == 1 else settings.write_batched_messages
+        for batch in BATCH_SIZES
+    }
     figures = {
         batch: Figure(
             key=f"writes/batch-{batch}",
@@ -93,7 +95,7 @@ def run(bench: Bench) -> list[Figure]:
             group="writes",
             throughput=True,
             params={
-                "messages": settings.write_messages if batch == 1 else settings.write_batched_messages,
+                "messages": counts[batch],
                 "streams": settings.write_streams,
                 "batch": batch,
             },
@@ -105,7 +107,8 @@ def run(bench: Bench) -> list[Figure]:
             for lib in bench.order(repetition):
                 figure = figures[batch]
                 try:
-                    detail = measure(bench, lib, batch, repetition)
+                    with bench.progress.running(f"writes x{batch} {lib.label}"):
+                        detail = measure(bench, lib, batch, repetition)
                 except Exception as exc:
                     figure.fail(lib.name, error_text(exc))
                     bench.progress.step(

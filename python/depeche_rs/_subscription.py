@@ -1,0 +1,585 @@
+"""Subscriptions: reading an aggregated stream partition by partition, in order, with
+at-least-once delivery and competing consumers.
+
+Guarantees:
+
+- every message is delivered at least once; within a partition, in position order;
+- one consumer per (subscription, partition) at a time, across threads and processes
+  (an advisory lock per partition, held while a batch is processed);
+- the state (last acknowledged position per partition) survives restarts, and never
+  moves past a message whose handler failed unless the error handler said IGNORE;
+- `AckStrategy.SINGLE` acknowledges each message right after its handler returns;
+  `AckStrategy.BATCHED` acknowledges once per batch, and after a failure acknowledges
+  the messages handled before it, so only the failed message and those after it are
+  delivered again (depeche-db 0.13 stores -1 when the first message of a batch fails,
+  replaying the whole partition);
+- a handler taking `SubscriptionMessage` can acknowledge inside its own transaction,
+  `message.ack.execute(conn=conn)`: its writes and the new position commit together
+  (exactly-once processing of the handler's database effects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import logging
+import time
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._connection import connect
+from ._exceptions import NaiveDatetimeError
+from ._interfaces import (
+    CallMiddleware,
+    ErrorAction,
+    LockProvider,
+    MessageHandlerRegisterProtocol,
+    MessageProtocol,
+    SubscriptionErrorHandler,
+    SubscriptionMessage,
+    SubscriptionMessageBatch,
+    SubscriptionStartPoint,
+    SubscriptionStateProvider,
+)
+from ._message_handler import InvalidHandlerError, MessageHandlerRegister
+from ._names import validate_name
+from ._subscription_reader import Claim, SubscriptionReader
+from .tools._db_lock_provider import DbLockProvider
+from .tools._db_subscription_state_provider import DbSubscriptionStateProvider
+
+if TYPE_CHECKING:
+    from ._aggregated_stream import AggregatedStream
+    from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
+
+E = TypeVar("E", bound=MessageProtocol)
+
+DEFAULT_BATCH_SIZE = 10
+_INIT_POLL_SECONDS = 0.05
+
+
+class ExitSubscriptionErrorHandler(SubscriptionErrorHandler[Any]):
+    """On a handler error, stop: the error propagates out of `run_once` (and stops an
+    `Executor`); the failed message is not acknowledged and is delivered again."""
+
+    def handle_error(self, error: Exception, message: SubscriptionMessage[Any]) -> ErrorAction:
+        """Return `ErrorAction.EXIT`."""
+        return ErrorAction.EXIT
+
+
+class LogAndIgnoreSubscriptionErrorHandler(SubscriptionErrorHandler[Any]):
+    """On a handler error, log it and go on: the failed message is acknowledged."""
+
+    def __init__(self, subscription_name: str) -> None:
+        self._logger = logging.getLogger(f"depeche_db.subscription.{subscription_name}")
+
+    def handle_error(self, error: Exception, message: SubscriptionMessage[Any]) -> ErrorAction:
+        """Log `error` with its traceback and return `ErrorAction.IGNORE`."""
+        self._logger.error(
+            "Error while handling message %s:%s",
+            message.stored_message.message_id,
+            type(message.stored_message.message).__name__,
+            exc_info=error,
+        )
+        return ErrorAction.IGNORE
+
+
+class AckStrategy(enum.Enum):
+    """When a subscription stores its position."""
+
+    SINGLE = "single"
+    BATCHED = "batched"
+
+
+class AckRolledback(Exception):
+    """The acknowledgement made in the caller's transaction is not (or not yet) committed."""
+
+
+class NoAckOp:
+    """The `ack` of messages handed out in batches: acknowledging is the batch's job."""
+
+    def execute(self, **kwargs: Any) -> None:
+        """Always raises: use `AckStrategy.SINGLE` to acknowledge single messages."""
+        raise RuntimeError(
+            "NoAckOp cannot be executed, choose AckStrategy.SINGLE if you want to use this "
+            "operation"
+        )
+
+
+_NO_ACK = NoAckOp()
+
+
+class AckOp:
+    """Acknowledges one message (`message.ack` under `AckStrategy.SINGLE`).
+
+    `execute()` stores the position; `execute(conn=conn)` stores it inside the caller's
+    transaction (the caller commits). The subscription then checks that the position is
+    committed before handing out the next message of the partition, and stops the
+    batch (the message comes again) if it is not.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        partition: int,
+        position: int,
+        state_provider: SubscriptionStateProvider,
+        *,
+        reader: SubscriptionReader[Any] | None = None,
+        claim: Claim[Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.partition = partition
+        self.position = position
+        self._state_provider = state_provider
+        self._reader = reader
+        self._claim = claim
+        self._executed = False
+        self._rolled_back = False
+        self.in_caller_transaction = False
+
+    @property
+    def executed(self) -> bool:
+        """True once the acknowledgement was made."""
+        return self._executed
+
+    def execute(self, **subscription_state_provider_kwargs: Any) -> None:
+        """Acknowledge the message; with `conn=...`, inside the caller's transaction.
+
+        A second call checks that the acknowledgement is committed, raising
+        `AckRolledback` if it is not.
+        """
+        if self._executed:
+            self._check()
+            return
+        if subscription_state_provider_kwargs:
+            provider = self._state_provider.session(**subscription_state_provider_kwargs)
+            provider.store(self.name, self.partition, self.position)
+            self.in_caller_transaction = True
+        elif self._reader is not None and self._claim is not None:
+            self._reader.ack(self._claim, self.position)
+        else:
+            self._state_provider.store(self.name, self.partition, self.position)
+        self._executed = True
+
+    def committed(self) -> bool:
+        """Return True if the stored position is this message's."""
+        if self._reader is not None and self._claim is not None:
+            return self._reader.stored_position(self._claim) == self.position
+        state = self._state_provider.read(self.name)
+        return state.positions.get(self.partition, -1) == self.position
+
+    def _check(self) -> None:
+        if not self.committed():
+            raise AckRolledback()
+
+    def rollback(self) -> None:
+        """Mark the acknowledgement as rolled back: the message will come again."""
+        self._rolled_back = True
+
+    @property
+    def rolled_back(self) -> bool:
+        """True after `rollback()`."""
+        return self._rolled_back
+
+
+class SubscriptionMessageHandler(Generic[E]):
+    """Calls the registered handler of each message and applies the error handler.
+
+    Args:
+        handler_register: The handlers (`MessageHandlerRegister` or `MessageHandler`).
+        error_handler: Decides what a handler error does; defaults to
+            `ExitSubscriptionErrorHandler`.
+        call_middleware: Wraps each handler call; required when a handler takes more
+            than the message.
+
+    Raises:
+        InvalidHandlerError: a handler takes more parameters and no middleware is given.
+    """
+
+    def __init__(
+        self,
+        handler_register: MessageHandlerRegisterProtocol[E],
+        error_handler: SubscriptionErrorHandler[E] | None = None,
+        call_middleware: CallMiddleware[E] | None = None,
+    ) -> None:
+        if not callable(getattr(handler_register, "get_handler", None)):
+            raise TypeError(
+                f"handlers must be a MessageHandlerRegister or MessageHandler, got "
+                f"{type(handler_register).__name__}"
+            )
+        self._register = handler_register
+        self._error_handler: SubscriptionErrorHandler[E] = (
+            error_handler or ExitSubscriptionErrorHandler()
+        )
+        self._call_middleware = call_middleware
+        if call_middleware is None:
+            for descriptor in handler_register.get_all_handlers():
+                if descriptor.requires_middleware:
+                    name = getattr(descriptor.handler, "__qualname__", repr(descriptor.handler))
+                    raise InvalidHandlerError(
+                        f"handler {name} takes more than the message: pass a call_middleware "
+                        "that supplies the other arguments"
+                    )
+
+    def handle(self, message: SubscriptionMessage[E]) -> None:
+        """Handle `message`; a message without a handler is skipped.
+
+        Raises the handler's error if the error handler says `ErrorAction.EXIT`.
+        """
+        descriptor = self._register.get_handler(type(message.stored_message.message))
+        if descriptor is None:
+            return
+        try:
+            argument = descriptor.adapt_message_type(message)
+            if self._call_middleware is not None:
+                self._call_middleware.call(descriptor.handler, argument)
+            else:
+                descriptor.handler(argument)
+        except Exception as error:
+            action = self._error_handler.handle_error(error=error, message=message)
+            if action == ErrorAction.IGNORE:
+                return
+            if action == ErrorAction.EXIT:
+                raise
+            raise TypeError(
+                f"{type(self._error_handler).__name__}.handle_error returned {action!r}; "
+                "it must return ErrorAction.EXIT or ErrorAction.IGNORE"
+            ) from error
+
+
+class StartAtNextMessage(SubscriptionStartPoint):
+    """A new subscription starts after the last message of each partition: it receives
+    only messages projected after it was first run."""
+
+    def init_state(
+        self,
+        subscription_name: str,
+        stream: AggregatedStream[Any],
+        state_provider: SubscriptionStateProvider,
+    ) -> None:
+        """Store each partition's max position as the subscription's position."""
+        for partition, position in stream.get_max_aggregated_stream_positions().items():
+            state_provider.store(
+                subscription_name=subscription_name, partition=partition, position=position
+            )
+
+
+class StartAtPointInTime(SubscriptionStartPoint):
+    """A new subscription starts at the first message whose time (the message's own
+    `get_message_time()`) is at or after `point_in_time`, in every partition.
+
+    Args:
+        point_in_time: A timezone-aware datetime.
+
+    Raises:
+        NaiveDatetimeError: `point_in_time` has no timezone.
+    """
+
+    def __init__(self, point_in_time: _dt.datetime) -> None:
+        if not isinstance(point_in_time, _dt.datetime):
+            raise TypeError(f"point_in_time must be a datetime, got {type(point_in_time).__name__}")
+        if point_in_time.tzinfo is None or point_in_time.utcoffset() is None:
+            raise NaiveDatetimeError(
+                "Point in time must be timezone aware, e.g. datetime.now(timezone.utc)"
+            )
+        self._point_in_time = point_in_time
+
+    @property
+    def point_in_time(self) -> _dt.datetime:
+        """Where the subscription starts."""
+        return self._point_in_time
+
+    def init_state(
+        self,
+        subscription_name: str,
+        stream: AggregatedStream[Any],
+        state_provider: SubscriptionStateProvider,
+    ) -> None:
+        """Store, per partition, the position just before the first message at or after
+        the point in time."""
+        for partition, position in stream.time_to_positions(self._point_in_time).items():
+            if position > 0:
+                state_provider.store(
+                    subscription_name=subscription_name,
+                    partition=partition,
+                    position=position - 1,
+                )
+
+
+@dataclasses.dataclass
+class _ClaimedBatch(SubscriptionMessageBatch[E]):
+    """A batch handed out by `get_next_message_batch`, holding its partition's lock."""
+
+    claim: Claim[E] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+class Subscription(Generic[E]):
+    """Reads an aggregated stream, partition by partition, for one consumer group.
+
+    Usually created with `stream.subscription(...)`; run it with `subscription.runner`
+    (`run_once()`, or register the runner with an `Executor`).
+
+    Args:
+        name: Subscription name, an identifier (also the default state table and lock
+            namespace, as in depeche-db).
+        stream: The aggregated stream to read.
+        message_handler: Calls the handlers.
+        batch_size: Messages read per batch (default 10).
+        state_provider: Where positions are stored; defaults to
+            `DbSubscriptionStateProvider(name, engine)`.
+        lock_provider: Partition locks; defaults to `DbLockProvider(name, engine)`.
+        start_point: Where a new subscription starts; defaults to the beginning.
+        ack_strategy: `AckStrategy.SINGLE` (default) or `AckStrategy.BATCHED`.
+
+    Raises:
+        InvalidNameError: `name` is not an identifier.
+    """
+
+    runner: SubscriptionRunner[E] | BatchedAckSubscriptionRunner[E]
+
+    def __init__(
+        self,
+        name: str,
+        stream: AggregatedStream[E],
+        message_handler: SubscriptionMessageHandler[E],
+        batch_size: int | None = None,
+        state_provider: SubscriptionStateProvider | None = None,
+        lock_provider: LockProvider | None = None,
+        start_point: SubscriptionStartPoint | None = None,
+        ack_strategy: AckStrategy = AckStrategy.SINGLE,
+    ) -> None:
+        from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
+
+        self.name = validate_name(name, "subscription name")
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(ack_strategy, AckStrategy):
+            raise ValueError(
+                f"ack_strategy must be AckStrategy.SINGLE or AckStrategy.BATCHED, got "
+                f"{ack_strategy!r}"
+            )
+        if start_point is not None and not callable(getattr(start_point, "init_state", None)):
+            raise TypeError(
+                f"start_point must be a SubscriptionStartPoint, got {type(start_point).__name__}"
+            )
+        self._stream = stream
+        engine = stream.store.engine
+        self._lock_provider: LockProvider = lock_provider or DbLockProvider(name, engine)
+        self._state_provider: SubscriptionStateProvider = (
+            state_provider or DbSubscriptionStateProvider(name, engine)
+        )
+        self._start_point = start_point
+        self._initialized = False
+        self._reader: SubscriptionReader[E] = SubscriptionReader(
+            self.name, stream, self._state_provider, self._lock_provider
+        )
+        # Connections close when the subscription is collected, or at exit.
+        self._finalizer = weakref.finalize(self, self._reader.close)
+        runner_type = (
+            BatchedAckSubscriptionRunner
+            if ack_strategy == AckStrategy.BATCHED
+            else SubscriptionRunner
+        )
+        self.runner = runner_type(
+            subscription=self, message_handler=message_handler, batch_size=batch_size
+        )
+
+    @property
+    def stream(self) -> AggregatedStream[E]:
+        """The aggregated stream read."""
+        return self._stream
+
+    def close(self) -> None:
+        """Close the subscription's connections (releasing any lock they hold)."""
+        self._finalizer()
+
+    def _update_max_aggregated_stream_positions_cache(
+        self, partition_number: int, max_position: int
+    ) -> None:
+        self._reader.hint(partition_number, max_position)
+
+    def _ensure_initialized(self) -> None:
+        if self._initialized:
+            return
+        if not self._state_provider.initialized(self.name):
+            self._init_state()
+        self._initialized = True
+
+    def _init_state(self) -> None:
+        lock_name = self._reader.lock_name("init")
+        while True:
+            lock = self._reader.try_lock(lock_name)
+            if lock is not None:
+                try:
+                    if not self._state_provider.initialized(self.name):
+                        self._run_start_point()
+                finally:
+                    self._reader.unlock(lock)
+                return
+            # Another consumer is initializing: wait for it, or for its lock to go away.
+            if self._state_provider.initialized(self.name):
+                return
+            time.sleep(_INIT_POLL_SECONDS)
+
+    def _run_start_point(self) -> None:
+        provider = self._state_provider
+        if isinstance(provider, DbSubscriptionStateProvider):
+            # The start positions and the "initialized" mark commit together.
+            with connect(provider.engine) as conn:
+                session = provider.session(conn=conn)
+                if self._start_point is not None:
+                    self._start_point.init_state(
+                        subscription_name=self.name, stream=self._stream, state_provider=session
+                    )
+                session.initialize(self.name)
+                conn.commit()
+            return
+        if self._start_point is not None:
+            self._start_point.init_state(
+                subscription_name=self.name, stream=self._stream, state_provider=provider
+            )
+        provider.initialize(self.name)
+
+    def get_next_message_batch(self, count: int) -> SubscriptionMessageBatch[E] | None:
+        """Lock the next partition with unread messages and return up to `count` of them.
+
+        Acknowledge handled messages with `batch.ack(message)`, then finish with
+        `ack_message_batch(batch, success=True)` (or `unlock_message_batch(batch)`); the
+        partition stays locked until then. Returns None when there is nothing to read.
+        """
+        self._ensure_initialized()
+        claim = self._reader.claim(count)
+        if claim is None:
+            return None
+        partition = claim.partition
+        messages = [
+            SubscriptionMessage(
+                partition=partition, position=position, stored_message=stored, ack=_NO_ACK
+            )
+            for position, stored in claim.entries
+        ]
+        return _ClaimedBatch(
+            partition=partition,
+            first_position=messages[0].position,
+            last_position=messages[-1].position,
+            lock_key=claim.lock.name,
+            messages=messages,
+            claim=claim,
+        )
+
+    def ack_message_batch(self, message_batch: SubscriptionMessageBatch[E], success: bool) -> None:
+        """Store the batch's acknowledged position (if `success` and any message was
+        acknowledged) and unlock its partition."""
+        claim = self._take_claim(message_batch)
+        if claim is None:
+            return
+        try:
+            if success and message_batch.ackd_position >= message_batch.first_position:
+                self._reader.ack(claim, message_batch.ackd_position)
+        except BaseException:
+            self._reader.abandon(claim)
+            raise
+        self._reader.release(claim)
+
+    def unlock_message_batch(self, message_batch: SubscriptionMessageBatch[E]) -> None:
+        """Unlock the batch's partition without storing anything."""
+        claim = self._take_claim(message_batch)
+        if claim is not None:
+            self._reader.release(claim)
+
+    @staticmethod
+    def _take_claim(message_batch: SubscriptionMessageBatch[E]) -> Claim[E] | None:
+        if not isinstance(message_batch, _ClaimedBatch):
+            raise TypeError(
+                "the batch was not returned by this subscription's get_next_message_batch"
+            )
+        claim, message_batch.claim = message_batch.claim, None
+        return claim
+
+    def get_next_messages(self, count: int) -> Iterator[SubscriptionMessage[E]]:
+        """Yield up to `count` messages of one partition, acknowledging each one when
+        the next is requested (`AckStrategy.SINGLE` semantics).
+
+        A message whose `ack` was executed in the caller's transaction is checked to be
+        committed; if it is not (or `ack.rollback()` was called), iteration stops and the
+        message will be delivered again.
+        """
+        self._ensure_initialized()
+        reader = self._reader
+        claim = reader.claim(count)
+        if claim is None:
+            return
+        failed = False
+        try:
+            for position, stored in claim.entries:
+                ack = AckOp(
+                    self.name,
+                    claim.partition,
+                    position,
+                    self._state_provider,
+                    reader=reader,
+                    claim=claim,
+                )
+                yield SubscriptionMessage(
+                    partition=claim.partition, position=position, stored_message=stored, ack=ack
+                )
+                if ack.rolled_back:
+                    break
+                try:
+                    ack.execute()
+                except AckRolledback:
+                    break
+        except GeneratorExit:
+            raise
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:
+                _finish_after_error(reader, claim)
+            else:
+                reader.release(claim)
+
+
+def _finish_after_error(reader: SubscriptionReader[Any], claim: Claim[Any]) -> None:
+    """Unlock after an error; if that fails too, drop the connection (and its locks)."""
+    try:
+        reader.release(claim)
+    except Exception:
+        reader.abandon(claim)
+
+
+def create_subscription(
+    stream: AggregatedStream[E],
+    name: str,
+    handlers: MessageHandlerRegisterProtocol[E] | None = None,
+    batch_size: int | None = None,
+    call_middleware: CallMiddleware[E] | None = None,
+    error_handler: SubscriptionErrorHandler[E] | None = None,
+    state_provider: SubscriptionStateProvider | None = None,
+    lock_provider: LockProvider | None = None,
+    start_point: SubscriptionStartPoint | None = None,
+    ack_strategy: AckStrategy | None = None,
+) -> Subscription[E]:
+    """What `stream.subscription(...)` does (see `SubscriptionFactory`)."""
+    register: MessageHandlerRegisterProtocol[E] = (
+        handlers if handlers is not None else MessageHandlerRegister()
+    )
+    return Subscription(
+        name=name,
+        stream=stream,
+        message_handler=SubscriptionMessageHandler(
+            handler_register=register,
+            error_handler=error_handler,
+            call_middleware=call_middleware,
+        ),
+        batch_size=batch_size,
+        state_provider=state_provider,
+        lock_provider=lock_provider,
+        start_point=start_point,
+        ack_strategy=ack_strategy or AckStrategy.SINGLE,
+    )

@@ -1,0 +1,536 @@
+"""The subscription read path: which partition to read next, its lock, its next batch.
+
+With the default providers (`DbLockProvider`, `DbSubscriptionStateProvider` on the
+stream's database) everything goes through one pipelined connection per reading thread:
+
+- claiming a partition sends the advisory lock and the batch query together (one round
+  trip); the batch query reads the partition's position from the state table, the next
+  pointers from the aggregated stream and the message bodies, in one statement that
+  runs after the lock is granted, so it sees every acknowledgement the previous holder
+  committed before unlocking;
+- acknowledgements and the unlock are sent without waiting; the server applies them in
+  order, so the state is committed before the lock is released;
+- the partition to read is picked from an in-memory queue fed by notification hints and,
+  when the queue runs dry, by one query over the per-partition max positions joined to
+  the state (one row per partition, never a scan of the stream).
+
+Other providers work through their own interfaces, with the same batch query.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import _names
+from ._exceptions import SerializationError
+from ._interfaces import (
+    LockProvider,
+    MessageProtocol,
+    StoredMessage,
+    SubscriptionStateProvider,
+)
+from ._pipelined_connection import Param, Pending, PipelinedConnection
+from .tools._db_lock_provider import DbLockProvider
+from .tools._db_subscription_state_provider import DbSubscriptionStateProvider
+
+if TYPE_CHECKING:
+    from ._aggregated_stream import AggregatedStream
+
+E = TypeVar("E", bound=MessageProtocol)
+
+logger = logging.getLogger("depeche_rs.subscription")
+
+_LOCK = "SELECT pg_try_advisory_lock($1)"
+_UNLOCK = "SELECT pg_advisory_unlock($1)"
+# Acknowledgements never move a position backwards: an acknowledgement of ours still in
+# flight must not undo a later one the handler committed in its own transaction.
+_ACK = (
+    "INSERT INTO {subs} AS s (subscription_name, partition, position) VALUES ($1, $2, $3) "
+    "ON CONFLICT (subscription_name, partition) DO UPDATE SET position = excluded.position "
+    "WHERE s.position < excluded.position"
+)
+_POSITION = "SELECT position FROM {subs} WHERE subscription_name = $1 AND partition = $2"
+_BATCH_COLUMNS = (
+    "a.position, m.message_id, m.stream, m.version, m.message, m.global_position, m.added_at"
+)
+# Always one row (the partition's position) even when nothing follows it.
+_READ_WITH_STATE = (
+    f"SELECT s.pos, {_BATCH_COLUMNS} "
+    "FROM (SELECT coalesce((SELECT position FROM {subs} "
+    "      WHERE subscription_name = $1 AND partition = $2), -1)::bigint AS pos) AS s "
+    "LEFT JOIN LATERAL (SELECT position, message_id FROM {agg} "
+    "      WHERE partition = $2 AND position > s.pos ORDER BY position LIMIT $3) AS a ON true "
+    "LEFT JOIN {msgs} AS m ON m.message_id = a.message_id "
+    "ORDER BY a.position"
+)
+_READ_AFTER = (
+    f"SELECT $2::bigint, {_BATCH_COLUMNS} "
+    "FROM (SELECT position, message_id FROM {agg} "
+    "      WHERE partition = $1 AND position > $2 ORDER BY position LIMIT $3) AS a "
+    "LEFT JOIN {msgs} AS m ON m.message_id = a.message_id "
+    "ORDER BY a.position"
+)
+_PARTITIONS_WITH_STATE = (
+    "SELECT p.partition, p.max_position, coalesce(s.position, -1) FROM {maxpos} AS p "
+    "LEFT JOIN {subs} AS s ON s.subscription_name = $1 AND s.partition = p.partition"
+)
+_PARTITIONS = "SELECT partition, max_position FROM {maxpos}"
+# Read the receive buffer every this many fire-and-forget acknowledgements.
+_POLL_EVERY = 16
+
+
+class Claim(Generic[E]):
+    """A locked partition and its next messages, read by `SubscriptionReader.claim`."""
+
+    __slots__ = (
+        "acked",
+        "count",
+        "entries",
+        "fetched",
+        "last_fetched",
+        "lock",
+        "partition",
+        "session",
+    )
+
+    def __init__(
+        self,
+        partition: int,
+        lock: _Lock,
+        session: PipelinedConnection,
+        entries: list[tuple[int, StoredMessage[E]]],
+        count: int,
+        fetched: int,
+        last_fetched: int,
+    ) -> None:
+        self.partition = partition
+        self.lock = lock
+        self.session = session
+        self.entries = entries
+        self.count = count
+        self.fetched = fetched
+        self.last_fetched = last_fetched
+        # The last position acknowledged through `SubscriptionReader.ack`.
+        self.acked: int | None = None
+
+
+class _Lock:
+    __slots__ = ("key", "name")
+
+    def __init__(self, name: str, key: int | None) -> None:
+        self.name = name
+        self.key = key
+
+
+class SubscriptionReader(Generic[E]):
+    """Reads batches for one subscription; safe to use from several threads."""
+
+    def __init__(
+        self,
+        subscription_name: str,
+        stream: AggregatedStream[E],
+        state_provider: SubscriptionStateProvider,
+        lock_provider: LockProvider,
+    ) -> None:
+        self._name = subscription_name
+        store = stream.store
+        self._dsn = store.dsn
+        self._serializer = store._serializer
+        self._state_provider = state_provider
+        self._lock_provider = lock_provider
+        self._db_locks = (
+            lock_provider
+            if isinstance(lock_provider, DbLockProvider) and lock_provider.dsn == self._dsn
+            else None
+        )
+        self._db_state = (
+            state_provider
+            if isinstance(state_provider, DbSubscriptionStateProvider)
+            and state_provider.dsn == self._dsn
+            else None
+        )
+        names = {
+            "agg": _names.stream_table(stream.name),
+            "maxpos": _names.maxpos_table(stream.name),
+            "msgs": _names.message_table(store.name),
+            "subs": self._db_state.table if self._db_state is not None else "",
+        }
+        self._sql = {
+            "ack": _ACK.format(**names),
+            "pos": _POSITION.format(**names),
+            "read_s": _READ_WITH_STATE.format(**names),
+            "read": _READ_AFTER.format(**names),
+            "parts_s": _PARTITIONS_WITH_STATE.format(**names),
+            "parts": _PARTITIONS.format(**names),
+        }
+        self._setup = ["SET application_name = 'depeche-rs subscription'"]
+        if self._db_state is not None and not self._db_state.synchronous_commit:
+            self._setup.append("SET synchronous_commit = off")
+        self._mutex = threading.Lock()
+        self._idle: list[PipelinedConnection] = []
+        self._open: set[PipelinedConnection] = set()
+        # Partition choice: what we know of each partition, and the partitions to try.
+        self._max_positions: dict[int, int] = {}
+        self._positions: dict[int, int] = {}
+        self._queue: collections.deque[int] = collections.deque()
+        self._queued: set[int] = set()
+        self._held_sessions: dict[str, PipelinedConnection] = {}
+        self._acks_since_poll = 0
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _take_session(self) -> PipelinedConnection:
+        with self._mutex:
+            if self._idle:
+                return self._idle.pop()
+        session = PipelinedConnection(self._dsn, self._setup)
+        with self._mutex:
+            self._open.add(session)
+        return session
+
+    def _give_back(self, session: PipelinedConnection) -> None:
+        with self._mutex:
+            if session.closed:
+                self._open.discard(session)
+            else:
+                self._idle.append(session)
+
+    def _discard(self, session: PipelinedConnection) -> None:
+        session.close()
+        with self._mutex:
+            self._open.discard(session)
+
+    def close(self) -> None:
+        """Close every connection (releasing the locks they hold)."""
+        with self._mutex:
+            sessions = list(self._open)
+            self._open.clear()
+            self._idle.clear()
+        for session in sessions:
+            session.close()
+
+    # -- partition choice -------------------------------------------------------------
+
+    def hint(self, partition: int, position: int) -> None:
+        """Note that `partition` has messages up to `position` (from a notification)."""
+        with self._mutex:
+            if position > self._max_positions.get(partition, -1):
+                self._max_positions[partition] = position
+            if partition not in self._queued and position > self._positions.get(partition, -1):
+                # New messages first: this is what keeps live latency low.
+                self._queue.appendleft(partition)
+                self._queued.add(partition)
+
+    def _pop(self) -> int | None:
+        with self._mutex:
+            while self._queue:
+                partition = self._queue.popleft()
+                self._queued.discard(partition)
+                known_max = self._max_positions.get(partition)
+                if known_max is None or known_max > self._positions.get(partition, -1):
+                    return partition
+            return None
+
+    def _refresh(self, session: PipelinedConnection) -> None:
+        if self._db_state is not None:
+            rows = session.wait(session.send(b"parts_s", self._sql["parts_s"], [self._name], True))
+            maxima = {p: m for p, m, _ in rows}
+            positions = {p: s for p, _, s in rows}
+        else:
+            rows = session.wait(session.send(b"parts", self._sql["parts"], [], True))
+            maxima = {p: m for p, m in rows}
+            positions = dict(self._state_provider.read(self._name).positions)
+        behind = [p for p, m in maxima.items() if m > positions.get(p, -1)]
+        # Competing consumers start at different places.
+        random.shuffle(behind)
+        with self._mutex:
+            for partition, maximum in maxima.items():
+                if maximum > self._max_positions.get(partition, -1):
+                    self._max_positions[partition] = maximum
+            self._positions = positions
+            for partition in behind:
+                if partition not in self._queued:
+                    self._queue.append(partition)
+                    self._queued.add(partition)
+
+    def _requeue(self, partition: int) -> None:
+        with self._mutex:
+            if partition not in self._queued:
+                self._queue.append(partition)
+                self._queued.add(partition)
+
+    # -- locks ------------------------------------------------------------------------
+
+    def lock_name(self, partition: int | str) -> str:
+        """depeche-db's lock name for a partition (or "init")."""
+        return f"subscription-{self._name}-{partition}"
+
+    def try_lock(self, name: str) -> _Lock | None:
+        """Take a lock outside of a claim (state initialization)."""
+        if self._db_locks is None:
+            return _Lock(name, None) if self._lock_provider.lock(name) else None
+        if not self._db_locks.claim(name):
+            return None
+        key = self._db_locks.key(name)
+        session = self._take_session()
+        try:
+            locked = session.wait(session.send(b"lock", _LOCK, [key], True))[0][0]
+        except BaseException:
+            self._db_locks.release_claim(name)
+            self._discard(session)
+            raise
+        if not locked:
+            self._db_locks.release_claim(name)
+            self._give_back(session)
+            return None
+        # Held on this session: keep it out of the pool until `unlock`.
+        self._held_sessions[name] = session
+        return _Lock(name, key)
+
+    def unlock(self, lock: _Lock) -> None:
+        """Release a lock taken with `try_lock`."""
+        if lock.key is None:
+            self._lock_provider.unlock(lock.name)
+            return
+        session = self._held_sessions.pop(lock.name)
+        self._release_lock(session, lock)
+        self._give_back(session)
+
+    def _release_lock(self, session: PipelinedConnection, lock: _Lock) -> None:
+        if lock.key is None:
+            if not session.closed:
+                # Acknowledgements in flight must be committed before another consumer
+                # can take the lock and read the state.
+                session.wait_all()
+            self._lock_provider.unlock(lock.name)
+            return
+        assert self._db_locks is not None
+        try:
+            if not session.closed:
+                session.send(b"unlock", _UNLOCK, [lock.key])
+        finally:
+            self._db_locks.release_claim(lock.name)
+
+    # -- batches ----------------------------------------------------------------------
+
+    def claim(self, count: int) -> Claim[E] | None:
+        """Lock the next partition with unread messages and read up to `count` of them.
+
+        Returns None when no partition has anything to read (or all such are locked).
+        """
+        session = self._take_session()
+        refreshed = False
+        try:
+            while True:
+                partition = self._pop()
+                if partition is None:
+                    if refreshed:
+                        self._give_back(session)
+                        return None
+                    self._refresh(session)
+                    refreshed = True
+                    continue
+                claim = self._try_claim(session, partition, count)
+                if claim is not None:
+                    return claim
+        except BaseException:
+            self._discard(session)
+            raise
+
+    def _try_claim(
+        self, session: PipelinedConnection, partition: int, count: int
+    ) -> Claim[E] | None:
+        name = self.lock_name(partition)
+        lock_pending: Pending | None = None
+        if self._db_locks is not None:
+            if not self._db_locks.claim(name):
+                return None
+            lock = _Lock(name, self._db_locks.key(name))
+            lock_pending = session.send(b"lock", _LOCK, [lock.key], True)
+        else:
+            if not self._lock_provider.lock(name):
+                return None
+            lock = _Lock(name, None)
+        try:
+            read = self._read(session, partition, count, lock_pending)
+            if read is None:
+                assert self._db_locks is not None
+                self._db_locks.release_claim(name)
+                return None
+            position, rows = read
+            entries, skipped_to = self._decode(partition, rows)
+            if skipped_to is not None:
+                self._send_ack(session, partition, skipped_to)
+                position = skipped_to
+            with self._mutex:
+                self._positions[partition] = position
+        except BaseException:
+            self._release_lock(session, lock)
+            raise
+        if not entries:
+            self._release_lock(session, lock)
+            if len(rows) >= count:
+                self._requeue(partition)
+            return None
+        return Claim(partition, lock, session, entries, count, len(rows), rows[-1][1])
+
+    def _read(
+        self,
+        session: PipelinedConnection,
+        partition: int,
+        count: int,
+        lock_pending: Pending | None,
+    ) -> tuple[int, list[tuple[Any, ...]]] | None:
+        """The partition's position and the batch rows, or None if the lock was refused."""
+        if self._db_state is not None:
+            params: list[Param] = [self._name, partition, count]
+            read = session.send(b"read_s", self._sql["read_s"], params, True)
+            if lock_pending is not None and not session.wait(lock_pending)[0][0]:
+                # Someone else holds the partition: the rows are stale, skip decoding them.
+                read.want_rows = False
+                return None
+            rows = session.wait(read)
+            # The first column is the position read from the state table; a partition
+            # with nothing after it gives one row of NULL message columns.
+            return int(rows[0][0]), [row for row in rows if row[1] is not None]
+        if lock_pending is not None and not session.wait(lock_pending)[0][0]:
+            return None
+        after = self._state_provider.read(self._name).positions.get(partition, -1)
+        rows = session.wait(
+            session.send(b"read", self._sql["read"], [partition, after, count], True)
+        )
+        return after, rows
+
+    def _decode(
+        self, partition: int, rows: list[tuple[Any, ...]]
+    ) -> tuple[list[tuple[int, StoredMessage[E]]], int | None]:
+        """Deserialize rows into (position, StoredMessage) up to the first gap or failure.
+
+        Returns the entries and, if the batch starts with pointers to messages missing
+        from the store, the position to acknowledge to skip them.
+        """
+        entries: list[tuple[int, StoredMessage[E]]] = []
+        skipped_to: int | None = None
+        deserialize = self._serializer.deserialize
+        for _, position, message_id, stream, version, body, global_position, added_at in rows:
+            if message_id is None:
+                if entries:
+                    # Keep batches gap-free; the next batch starts at the gap.
+                    break
+                logger.warning(
+                    "subscription %s: partition %s position %s points to a message that is "
+                    "no longer in the store; skipping it",
+                    self._name,
+                    partition,
+                    position,
+                )
+                skipped_to = position
+                continue
+            try:
+                message = deserialize(body)
+            except Exception as exc:
+                if entries:
+                    # Deliver what precedes it; the next batch starts with it and fails.
+                    break
+                raise SerializationError(
+                    f"cannot deserialize message {message_id} (stream {stream!r}, version "
+                    f"{version}) at partition {partition} position {position}: {exc}"
+                ) from exc
+            entries.append(
+                (
+                    position,
+                    StoredMessage(
+                        message_id=message_id,
+                        stream=stream,
+                        version=version,
+                        message=message,
+                        global_position=global_position,
+                        added_at=added_at,
+                    ),
+                )
+            )
+        return entries, skipped_to
+
+    # -- acknowledgements -------------------------------------------------------------
+
+    def ack(self, claim: Claim[E], position: int) -> None:
+        """Acknowledge `position` of the claimed partition.
+
+        With the default state provider the acknowledgement is queued on the claim's
+        connection and committed in order, before the unlock; otherwise it is stored
+        through the state provider.
+        """
+        self._send_ack(claim.session, claim.partition, position)
+        claim.acked = position
+
+    def _send_ack(self, session: PipelinedConnection, partition: int, position: int) -> None:
+        if self._db_state is None:
+            self._state_provider.store(self._name, partition, position)
+            return
+        session.send(b"ack", self._sql["ack"], [self._name, partition, position])
+        self._acks_since_poll += 1
+        if self._acks_since_poll >= _POLL_EVERY:
+            self._acks_since_poll = 0
+            session.poll()
+
+    def stored_position(self, claim: Claim[E]) -> int:
+        """The committed position of the claimed partition (read after our queued
+        acknowledgements)."""
+        partition = claim.partition
+        if self._db_state is None:
+            return self._state_provider.read(self._name).positions.get(partition, -1)
+        session = claim.session
+        rows = session.wait(session.send(b"pos", self._sql["pos"], [self._name, partition], True))
+        return int(rows[0][0]) if rows else -1
+
+    def release(self, claim: Claim[E], wait: bool = True) -> None:
+        """Finish a claim: unlock the partition (after its acknowledgements).
+
+        With `wait`, return once the acknowledgements are committed; without, they are
+        only queued (the next statement on the connection, or `sync`, waits for them).
+        """
+        session = claim.session
+        try:
+            self._release_lock(session, claim.lock)
+            if wait and not session.closed:
+                session.wait_all()
+        except BaseException:
+            self._discard(session)
+            raise
+        partition = claim.partition
+        with self._mutex:
+            if claim.acked is not None:
+                self._positions[partition] = claim.acked
+            more = (
+                claim.fetched >= claim.count
+                or claim.fetched > len(claim.entries)
+                or self._max_positions.get(partition, -1) > claim.last_fetched
+                or (claim.acked is not None and claim.acked < claim.last_fetched)
+            )
+        if more:
+            # At the back: a partition that keeps failing does not starve the others.
+            self._requeue(partition)
+        self._give_back(session)
+
+    def sync(self) -> None:
+        """Wait until everything queued on idle connections is committed."""
+        with self._mutex:
+            sessions = list(self._idle)
+        for session in sessions:
+            if not session.closed:
+                session.wait_all()
+
+    def abandon(self, claim: Claim[E]) -> None:
+        """Finish a claim after a database error: drop the connection (and its locks)."""
+        self._discard(claim.session)
+        if claim.lock.key is None:
+            self._lock_provider.unlock(claim.lock.name)
+        elif self._db_locks is not None:
+            self._db_locks.release_claim(claim.lock.name)
+        with self._mutex:
+            self._positions.pop(claim.partition, None)
+        self._requeue(claim.partition)
