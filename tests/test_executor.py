@@ -231,7 +231,7 @@ def test_executor_with_unreachable_database_is_a_clear_error(
 
 
 def _serve(dsn: str, store_name: str, stream_name: str, name: str, ready: Any) -> None:
-    store = MessageStore(store_name, dsn, PydanticMessageSerializer(AnyEvent))
+    store: Store = MessageStore(store_name, dsn, PydanticMessageSerializer(AnyEvent))
     stream = _stream(store, stream_name)
     subscription = stream.subscription(name)
     executor = Executor(dsn)

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -85,13 +86,12 @@ def _layout(engine: sa.Engine, stream: Stream) -> dict[int, list[int]]:
 
 def _state(engine: sa.Engine, name: str) -> dict[int, int]:
     with engine.connect() as conn:
-        return dict(
-            conn.exec_driver_sql(
-                f"SELECT partition, position FROM depeche_subscriptions_{name} "
-                "WHERE subscription_name = %s",
-                (name,),
-            ).all()
-        )
+        rows = conn.exec_driver_sql(
+            f"SELECT partition, position FROM depeche_subscriptions_{name} "
+            "WHERE subscription_name = %s",
+            (name,),
+        ).all()
+    return {partition: position for partition, position in rows}
 
 
 class Recorder:
@@ -287,22 +287,32 @@ def test_single_log_and_ignore_acknowledges_the_failed_message(
 
 
 @pytest.mark.parametrize("fail_at", [4, 3], ids=["mid_batch", "first_of_later_batch"])
+@pytest.mark.parametrize("provider", ["db", "memory"])
 def test_batched_failure_redelivers_from_the_failed_message_only(
-    stream: Stream, engine: sa.Engine, suffix: str, fail_at: int
+    stream: Stream, engine: sa.Engine, suffix: str, fail_at: int, provider: str
 ) -> None:
     layout = _layout(engine, stream)
     assert len(layout[2]) > 6
     broken = True
     recorder = Recorder(fail=lambda m: broken and (m.partition, m.position) == (2, fail_at))
     name = f"sub_{suffix}"
+    memory = InMemoryState()
     subscription = stream.subscription(
-        name, handlers=recorder.register, batch_size=3, ack_strategy=AckStrategy.BATCHED
+        name,
+        handlers=recorder.register,
+        batch_size=3,
+        ack_strategy=AckStrategy.BATCHED,
+        state_provider=memory if provider == "memory" else None,
     )
+
+    def state() -> dict[int, int]:
+        return memory.positions[name] if provider == "memory" else _state(engine, name)
+
     with pytest.raises(RuntimeError, match=f"failing at 2/{fail_at}"):
         subscription.runner.run_once()
     # Batches of partition 2 are [0, 1, 2], [3, 4, 5], ...: what was handled before the
     # failure is acknowledged (depeche-db 0.13 stores -1 when position 3 fails).
-    assert _state(engine, name)[2] == fail_at - 1
+    assert state()[2] == fail_at - 1
 
     broken = False
     _run(subscription)
@@ -371,7 +381,7 @@ def test_uncommitted_ack_in_callers_transaction_stops_and_redelivers(
             tx.rollback()
     assert first is not None
     # The partition's first message comes again (other partitions may come before it).
-    seen = []
+    seen: list[uuid.UUID] = []
     while len(seen) < 60:
         batch = subscription.get_next_message_batch(count=1)
         assert batch is not None
@@ -635,7 +645,11 @@ def test_db_lock_provider(dsn: str, engine: sa.Engine, suffix: str) -> None:
         ).fetchone()
     assert held == (1,)
     two.finalize()
-    assert one.lock("a") is True
+    # Closing the connection releases its locks once the server has seen it go.
+    deadline = time.monotonic() + 10
+    while not one.lock("a"):
+        assert time.monotonic() < deadline, "the lock outlived its connection"
+        time.sleep(0.01)
     one.finalize()
 
 
@@ -695,4 +709,60 @@ def test_drop_in_names() -> None:
     for attr in ("DbLockProvider", "DbSubscriptionStateProvider", "PgNotificationListener"):
         assert attr in depeche_rs.tools.__all__
     assert StoredMessage is depeche_rs.StoredMessage
-    assert uuid.UUID  # keep the import used for type hints in helpers
+
+
+def _backends(dsn: str, name: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = 'depeche-rs subscription' AND query LIKE %s",
+            (f"%{name}%",),
+        ).fetchone()
+    return row[0] if row else 0
+
+
+@pytest.mark.parametrize("strategy", [AckStrategy.SINGLE, AckStrategy.BATCHED])
+def test_terminated_subscription_connection_loses_nothing(
+    stream: Stream, engine: sa.Engine, dsn: str, suffix: str, strategy: AckStrategy
+) -> None:
+    name = f"sub_{suffix}"
+    layout = _layout(engine, stream)
+    terminated: list[int] = []
+
+    def terminate_own_connection(message: SubscriptionMessage[Any]) -> bool:
+        if (message.partition, message.position) == (0, 2) and not terminated:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'depeche-rs subscription' AND query LIKE %s",
+                    (f"%{name}%",),
+                ).fetchone()
+            assert row is not None
+            terminated.append(row[0])
+            # Gone for sure: the subscription must notice before the next message.
+            deadline = time.monotonic() + 10
+            while _backends(dsn, name):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        return False
+
+    recorder = Recorder(fail=terminate_own_connection)
+    subscription = stream.subscription(
+        name, handlers=recorder.register, batch_size=10, ack_strategy=strategy
+    )
+    with pytest.raises(depeche_rs.DatabaseConnectionError):
+        subscription.runner.run_once()
+    assert terminated == [1]
+    stored = _state(engine, name).get(0, -1)
+    assert stored <= 2
+    _run(subscription)
+    counts: dict[tuple[int, int], int] = {}
+    for partition, position, _ in recorder.seen:
+        counts[partition, position] = counts.get((partition, position), 0) + 1
+    assert set(counts) == {(p, pos) for p, a in layout.items() for pos in range(len(a))}
+    # Redelivered: exactly what was handled after the last committed acknowledgement.
+    assert sorted(k for k, n in counts.items() if n > 1) == [
+        (0, pos) for pos in range(stored + 1, 3)
+    ]
+    assert _state(engine, name) == {-1: -1, **{p: len(a) - 1 for p, a in layout.items()}}
+    subscription.close()

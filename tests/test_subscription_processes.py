@@ -25,7 +25,9 @@ SPAWN = multiprocessing.get_context("spawn")
 
 
 def _open(dsn: str, store_name: str, stream_name: str) -> Any:
-    store = MessageStore(store_name, dsn, PydanticMessageSerializer(AnyEvent))
+    store: MessageStore[AnyEvent] = MessageStore(
+        store_name, dsn, PydanticMessageSerializer(AnyEvent)
+    )
     return store.aggregated_stream(stream_name, StreamHashPartitioner(PARTITIONS), ["acc-%"])
 
 

@@ -31,6 +31,9 @@ _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 
 Param = int | str | bytes | None
 
+# SQLSTATE classes 08 (connection exception) and 57 (operator intervention).
+_SESSION_ENDED = (psycopg.errors.ConnectionException, psycopg.errors.OperatorIntervention)
+
 
 class Pending:
     """The outcome of one statement sent through a `PipelinedConnection`."""
@@ -128,7 +131,7 @@ class PipelinedConnection:
         # An earlier fire-and-forget statement's error is the likelier root cause.
         self._raise_orphan_error()
         if pending.error is not None:
-            raise pending.error
+            self._raise(pending.error)
         return pending.rows
 
     def wait_all(self) -> None:
@@ -145,7 +148,14 @@ class PipelinedConnection:
     def _raise_orphan_error(self) -> None:
         if self._orphan_error is not None:
             error, self._orphan_error = self._orphan_error, None
-            raise error
+            self._raise(error)
+
+    def _raise(self, error: Exception) -> None:
+        # The server ending the session (shutdown, pg_terminate_backend) arrives as an
+        # error result first: report it as the lost connection it is.
+        if self._pg.status == pq.ConnStatus.BAD or isinstance(error, _SESSION_ENDED):
+            raise self._broken(error) from error
+        raise error
 
     def _broken(self, exc: Exception) -> DatabaseConnectionError:
         self.close()

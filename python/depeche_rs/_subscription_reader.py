@@ -79,8 +79,6 @@ _PARTITIONS_WITH_STATE = (
     "LEFT JOIN {subs} AS s ON s.subscription_name = $1 AND s.partition = p.partition"
 )
 _PARTITIONS = "SELECT partition, max_position FROM {maxpos}"
-# Read the receive buffer every this many fire-and-forget acknowledgements.
-_POLL_EVERY = 16
 
 
 class Claim(Generic[E]):
@@ -179,7 +177,6 @@ class SubscriptionReader(Generic[E]):
         self._queue: collections.deque[int] = collections.deque()
         self._queued: set[int] = set()
         self._held_sessions: dict[str, PipelinedConnection] = {}
-        self._acks_since_poll = 0
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -472,10 +469,13 @@ class SubscriptionReader(Generic[E]):
             self._state_provider.store(self._name, partition, position)
             return
         session.send(b"ack", self._sql["ack"], [self._name, partition, position])
-        self._acks_since_poll += 1
-        if self._acks_since_poll >= _POLL_EVERY:
-            self._acks_since_poll = 0
-            session.poll()
+        # Reading what arrived (one non-blocking recv) notices a dead connection at the
+        # next message: its advisory lock is gone, so the batch must stop.
+        session.poll()
+
+    def check(self, claim: Claim[E]) -> None:
+        """Raise if the claim's connection (and so its partition lock) was lost."""
+        claim.session.poll()
 
     def stored_position(self, claim: Claim[E]) -> int:
         """The committed position of the claimed partition (read after our queued

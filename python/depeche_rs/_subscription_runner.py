@@ -164,6 +164,9 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
             for position, stored in claim.entries:
                 if not self._keep_running:
                     break
+                if handled is not None:
+                    # Stop if the connection holding the partition lock died meanwhile.
+                    reader.check(claim)
                 handle(SubscriptionMessage(partition, position, stored, _NO_ACK))
                 handled = position
         except BaseException:

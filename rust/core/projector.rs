@@ -46,16 +46,36 @@ pub struct PendingBatch {
     cursor_xmin: Option<String>,
     snapshot: String,
     max_visible: Option<i64>,
+    window_end: i64,
     limit_hit: bool,
 }
 
 impl PendingBatch {
-    /// Whether the batch was cut by the batch size (more messages may be waiting).
+    /// Whether more messages may be waiting after this batch: it was cut by the batch
+    /// size, or the scanned window did not reach the newest visible message.
     #[must_use]
-    pub fn limit_hit(&self) -> bool {
-        self.limit_hit
+    pub fn more(&self) -> bool {
+        self.limit_hit || self.max_visible.is_some_and(|m| m > self.window_end)
+    }
+
+    /// Where the cursor moves when this batch commits. Everything visible up to it is
+    /// projected then: up to the last row when the batch was cut, else up to the end of
+    /// the scanned window (or the newest visible position, if lower).
+    fn next_position(&self) -> i64 {
+        if self.limit_hit {
+            self.rows.last().map_or(self.cursor_position, |r| r.global_position)
+        } else {
+            self.max_visible
+                .unwrap_or(self.cursor_position)
+                .min(self.window_end)
+                .max(self.cursor_position)
+        }
     }
 }
+
+/// The smallest and largest global-position window scanned per batch.
+const MIN_WINDOW: i64 = 1_024;
+const MAX_WINDOW: i64 = 1 << 24;
 
 /// Partition and message time of one row, as decided by the partitioner.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +112,7 @@ pub struct Projector {
     client: Client,
     statements: Option<Statements>,
     in_transaction: bool,
+    window: i64,
 }
 
 impl Projector {
@@ -100,7 +121,14 @@ impl Projector {
     pub async fn connect(config: ProjectorConfig, dsn: &str) -> Result<Self> {
         let name = format!("depeche-rs projector {}", config.tables.stream);
         let client = connect(dsn, &name).await?;
-        Ok(Self { config, client, statements: None, in_transaction: false })
+        // A generic plan of the candidate query cannot see how narrow its window is and
+        // may scan whole tables; custom plans cost a millisecond and never do.
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .await
+            .map_err(|e| Error::from_pg("configuring the projector session", e))?;
+        let window = (config.batch_size as i64).clamp(MIN_WINDOW, MAX_WINDOW);
+        Ok(Self { config, client, statements: None, in_transaction: false, window })
     }
 
     async fn prepare(&self) -> Result<Statements> {
@@ -191,11 +219,19 @@ impl Projector {
 
         let limit = self.config.batch_size as i64;
         let need_bodies = self.config.partitioner.is_none();
+        let window_end = cursor_position.saturating_add(self.window);
         let rows = self
             .client
             .query(
                 &st.candidates,
-                &[&cursor_position, &cursor_snapshot, &self.config.wildcards, &limit, &need_bodies],
+                &[
+                    &cursor_position,
+                    &cursor_snapshot,
+                    &self.config.wildcards,
+                    &limit,
+                    &need_bodies,
+                    &window_end,
+                ],
             )
             .await
             .map_err(|e| Error::from_pg("selecting new messages", e))?;
@@ -212,12 +248,19 @@ impl Projector {
             })
             .collect();
         let limit_hit = rows.len() >= self.config.batch_size;
+        // Sparse matches (other streams in between) widen the window; dense ones keep it.
+        self.window = if rows.len() < self.config.batch_size / 2 {
+            self.window.saturating_mul(2).min(MAX_WINDOW)
+        } else {
+            (self.config.batch_size as i64).clamp(MIN_WINDOW, MAX_WINDOW)
+        };
         Ok(PendingBatch {
             rows,
             cursor_position,
             cursor_xmin: cursor_snapshot.as_deref().map(snapshot_xmin),
             snapshot,
             max_visible,
+            window_end,
             limit_hit,
         })
     }
@@ -309,13 +352,7 @@ impl Projector {
         let max_parts: Vec<i64> = partitions.clone();
         let max_positions: Vec<i64> = partitions.iter().map(|p| next[p] - 1).collect();
 
-        // The cursor may move to the last row when the batch was cut, else to the
-        // highest visible position: everything visible up to it is now projected.
-        let new_position = if batch.limit_hit {
-            batch.rows.last().map_or(batch.cursor_position, |r| r.global_position)
-        } else {
-            batch.max_visible.unwrap_or(batch.cursor_position).max(batch.cursor_position)
-        };
+        let new_position = batch.next_position();
         let cursor_unchanged = n == 0
             && new_position == batch.cursor_position
             && batch.cursor_xmin.as_deref() == Some(snapshot_xmin(&batch.snapshot).as_str());
@@ -356,7 +393,7 @@ impl Projector {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| Error::from_pg("committing the batch", e))?;
-        Ok(BatchOutcome { projected: n, more: batch.limit_hit, partitions: partitions.len() })
+        Ok(BatchOutcome { projected: n, more: batch.more(), partitions: partitions.len() })
     }
 
     /// Roll back an open batch; errors are ignored because the server discards the

@@ -26,12 +26,16 @@ pub fn read_cursor(t: &TableNames) -> String {
 /// The next unprojected messages, in global-position order.
 ///
 /// Parameters: `$1` cursor position, `$2` cursor snapshot (text or NULL), `$3` wildcards,
-/// `$4` limit, `$5` whether message bodies are needed for every row.
+/// `$4` limit, `$5` whether message bodies are needed for every row, `$6` the upper end
+/// of the global-position window scanned above the cursor. The window keeps every scan
+/// an index range scan of bounded size, whatever the table statistics say.
 ///
 /// Every matching row that is not yet in the aggregated stream lies above the cursor
 /// position, or was written by a transaction still running when the cursor's snapshot
 /// was taken (see docs/projector.md). The second branch finds the latter through the
-/// `tx` index; `NOT EXISTS` on the primary key makes re-reads harmless.
+/// `tx` index; `NOT EXISTS` on the primary key makes re-reads harmless. Its `OFFSET 0`
+/// keeps it a per-row primary-key probe: as an anti-join the planner may hash the whole
+/// aggregated table on every batch.
 pub fn candidates(t: &TableNames) -> String {
     let columns = "m.message_id, m.stream::text, m.version::int8, m.global_position::int8, \
                    m.added_at, (m.occurred_at AT TIME ZONE 'UTC'), \
@@ -39,9 +43,9 @@ pub fn candidates(t: &TableNames) -> String {
     format!(
         "SELECT * FROM ( \
            (SELECT {columns} FROM {msgs} AS m \
-             WHERE m.global_position > $1::int8 \
+             WHERE m.global_position > $1::int8 AND m.global_position <= $6::int8 \
                AND m.stream LIKE ANY($3::text[]) \
-               AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id) \
+               AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id OFFSET 0) \
              ORDER BY m.global_position LIMIT $4::int8) \
            UNION ALL \
            (SELECT {columns} FROM {msgs} AS m \
@@ -50,7 +54,7 @@ pub fn candidates(t: &TableNames) -> String {
                AND NOT pg_visible_in_snapshot(m.tx, $2::text::pg_snapshot) \
                AND m.global_position <= $1::int8 \
                AND m.stream LIKE ANY($3::text[]) \
-               AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id) \
+               AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id OFFSET 0) \
              ORDER BY m.global_position LIMIT $4::int8) \
          ) AS c ORDER BY 4 LIMIT $4::int8",
         msgs = t.messages,

@@ -84,7 +84,7 @@ impl Projector {
                     outcome.more
                 }
                 BuiltinStep::NeedsCaller(batch) => {
-                    let more = batch.limit_hit();
+                    let more = batch.more();
                     total += self.finish_with_python(py, batch, resolve.as_ref())?;
                     more
                 }
