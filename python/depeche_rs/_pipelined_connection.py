@@ -32,7 +32,7 @@ _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 Param = int | str | bytes | None
 
 # SQLSTATE classes 08 (connection exception) and 57 (operator intervention).
-_SESSION_ENDED = (psycopg.errors.ConnectionException, psycopg.errors.OperatorIntervention)
+_SESSION_ENDED = ("08", "57")
 
 
 class Pending:
@@ -153,7 +153,8 @@ class PipelinedConnection:
     def _raise(self, error: Exception) -> None:
         # The server ending the session (shutdown, pg_terminate_backend) arrives as an
         # error result first: report it as the lost connection it is.
-        if self._pg.status == pq.ConnStatus.BAD or isinstance(error, _SESSION_ENDED):
+        sqlstate = getattr(error, "sqlstate", None) or ""
+        if self._pg.status == pq.ConnStatus.BAD or sqlstate[:2] in _SESSION_ENDED:
             raise self._broken(error) from error
         raise error
 

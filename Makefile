@@ -1,0 +1,52 @@
+# depeche-rs developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install build wheel demo test lint format bench clean
+
+help: ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Cargo.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip maturin
+	$(BIN)/pip install -q -e ".[test,lint]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package (release build) with test and lint tools
+
+build: $(STAMP) ## rebuild the native module into .venv after Rust changes
+	$(BIN)/maturin develop --release -q
+
+wheel: $(STAMP) ## build the release wheel (manylinux, abi3) into dist/
+	$(BIN)/maturin build --release --compatibility manylinux2014 --auditwheel repair -o dist
+
+demo: $(STAMP) ## write, project and read back 100k messages on the embedded PostgreSQL
+	$(BIN)/python -m depeche_rs demo
+
+test: $(STAMP) ## run the Rust unit tests and the whole pytest suite against real PostgreSQL
+	cargo test -q
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff, mypy --strict, stubtest, cargo fmt --check, clippy -D warnings
+	$(BIN)/ruff check python tests benches
+	$(BIN)/ruff format --check python tests
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest depeche_rs._native
+	cargo fmt --check
+	cargo clippy --all-targets -q -- -D warnings
+
+format: $(STAMP) ## format Python and Rust sources
+	$(BIN)/ruff format python tests benches
+	$(BIN)/ruff check --fix python tests benches
+	cargo fmt
+
+bench: $(STAMP) ## side-by-side benchmark vs depeche-db (ARGS=--quick for the 2-minute run)
+	$(BIN)/pip install -q -r benches/requirements.txt
+	$(BIN)/python benches/run.py $(ARGS)
+
+clean: ## remove build outputs (keeps .venv and the embedded database)
+	rm -rf target dist
