@@ -21,8 +21,8 @@ install: $(STAMP) ## create .venv and install the package (release build) with t
 build: $(STAMP) ## rebuild the native module into .venv after Rust changes
 	$(BIN)/maturin develop --release -q
 
-wheel: $(STAMP) ## build the release wheel (manylinux, abi3) into dist/
-	$(BIN)/maturin build --release --compatibility manylinux2014 --auditwheel repair -o dist
+wheel: $(STAMP) ## build the release wheel (manylinux_2_34, abi3, no OpenSSL) into dist/
+	$(BIN)/maturin build --release --compatibility manylinux_2_34 -o dist
 
 demo: $(STAMP) ## write, project and read back 100k messages on the embedded PostgreSQL
 	$(BIN)/python -m depeche_rs demo

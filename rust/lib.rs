@@ -12,9 +12,9 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _native {
     #[pymodule_export]
-    use crate::py::projector::Projector;
+    use crate::py::partition::hash_mod_partition;
     #[pymodule_export]
     use crate::py::partition::stream_name_partition;
     #[pymodule_export]
-    use crate::py::partition::hash_mod_partition;
+    use crate::py::projector::Projector;
 }

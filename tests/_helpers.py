@@ -37,7 +37,9 @@ def check_invariants(engine: sa.Engine, store: str, agg: str, wildcard: str = "%
             )
         }
         maxpos = dict(
-            conn.exec_driver_sql(f"SELECT partition, max_position FROM depeche_stream_{agg}_maxpos").all()
+            conn.exec_driver_sql(
+                f"SELECT partition, max_position FROM depeche_stream_{agg}_maxpos"
+            ).all()
         )
     ids = [r[0] for r in rows]
     assert len(ids) == len(set(ids)), "a message was projected twice"

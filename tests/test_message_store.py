@@ -157,7 +157,9 @@ def test_concurrent_writers_exactly_one_wins_per_version(store: Store) -> None:
         for version in range(rounds):
             barrier.wait()
             try:
-                store.write("race", Deposited(account=worker, amount=version), expected_version=version)
+                store.write(
+                    "race", Deposited(account=worker, amount=version), expected_version=version
+                )
                 with lock:
                     wins.append((version, worker))
             except depeche_rs.OptimisticConcurrencyError:
@@ -314,4 +316,11 @@ def test_pydantic_serializer_wire_format(serializer: PydanticMessageSerializer[A
     with pytest.raises(ValueError):
         PydanticMessageSerializer(AnyEvent, aliases={"Deposited": Deposited})
     aliased = PydanticMessageSerializer(AnyEvent, aliases={"OldCreated": AccountCreated})
-    assert aliased.deserialize({**serializer.serialize(AccountCreated(account=1, event_id=event.event_id, happened_at=event.happened_at)), "__typename__": "OldCreated"}) == AccountCreated(account=1, event_id=event.event_id, happened_at=event.happened_at)
+    assert aliased.deserialize(
+        {
+            **serializer.serialize(
+                AccountCreated(account=1, event_id=event.event_id, happened_at=event.happened_at)
+            ),
+            "__typename__": "OldCreated",
+        }
+    ) == AccountCreated(account=1, event_id=event.event_id, happened_at=event.happened_at)

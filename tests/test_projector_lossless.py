@@ -67,7 +67,9 @@ def test_transaction_with_early_id_commits_next_version_after_projection(
 def test_rollbacks_leave_holes_that_are_never_filled(
     store: Store, stream_name: str, engine: sa.Engine
 ) -> None:
-    agg = store.aggregated_stream(stream_name, StreamHashPartitioner(3), ["acc-%"], update_batch_size=7)
+    agg = store.aggregated_stream(
+        stream_name, StreamHashPartitioner(3), ["acc-%"], update_batch_size=7
+    )
     for i in range(60):
         if i % 3 == 0:
             with engine.connect() as conn:
@@ -85,7 +87,9 @@ def test_rollbacks_leave_holes_that_are_never_filled(
 def test_long_transaction_does_not_block_others_and_is_projected_after_commit(
     store: Store, stream_name: str, engine: sa.Engine
 ) -> None:
-    agg = store.aggregated_stream(stream_name, StreamHashPartitioner(4), ["acc-%"], update_batch_size=100)
+    agg = store.aggregated_stream(
+        stream_name, StreamHashPartitioner(4), ["acc-%"], update_batch_size=100
+    )
     with engine.connect() as long_tx:
         reserved = store.write("acc-long", AccountCreated(account=0), conn=long_tx)
         committed = 0
@@ -202,7 +206,11 @@ def _fill(store: Store, n: int) -> None:
         for account in range(3):
             store.write_many(
                 f"acc-{account}",
-                [Deposited(account=account, amount=i) for i in range(start, start + 50) if i % 3 == account],
+                [
+                    Deposited(account=account, amount=i)
+                    for i in range(start, start + 50)
+                    if i % 3 == account
+                ],
             )
 
 
@@ -298,7 +306,9 @@ def test_terminated_connection_mid_batch_loses_nothing_and_recovers(
 def test_forked_child_projects_with_a_fresh_runtime(
     store: Store, stream_name: str, engine: sa.Engine
 ) -> None:
-    agg = store.aggregated_stream(stream_name, StreamHashPartitioner(2), ["acc-%"], update_batch_size=5)
+    agg = store.aggregated_stream(
+        stream_name, StreamHashPartitioner(2), ["acc-%"], update_batch_size=5
+    )
     for i in range(10):
         store.write(f"acc-{i}", AccountCreated(account=i))
     assert agg.projector.update_full() == (10, False)

@@ -162,7 +162,7 @@ class AggregatedStream(Generic[E]):
         """
         if isinstance(position_limits, int) and not isinstance(position_limits, bool):
             position_limits, result_limit = None, position_limits
-        limits = position_limits or {}
+        limits: dict[int, int] = position_limits if isinstance(position_limits, dict) else {}
         partitions = list(limits.keys())
         positions = [limits[p] for p in partitions]
         query = (
@@ -217,9 +217,7 @@ class AggregatedStream(Generic[E]):
         if not isinstance(time, _dt.datetime):
             raise TypeError(f"time must be a datetime, got {type(time).__name__}")
         if time.tzinfo is None or time.utcoffset() is None:
-            raise NaiveDatetimeError(
-                "time must be timezone aware, e.g. datetime.now(timezone.utc)"
-            )
+            raise NaiveDatetimeError("time must be timezone aware, e.g. datetime.now(timezone.utc)")
         utc = time.astimezone(_dt.timezone.utc).replace(tzinfo=None)
         with self._connection() as c:
             rows = c.exec_driver_sql(

@@ -13,8 +13,13 @@ from ._interfaces import StoredMessage
 class DemoEvent:
     """A plain message class (no pydantic needed) with depeche-db's protocol."""
 
-    def __init__(self, account: int, amount: int, event_id: _uuid.UUID | None = None,
-                 at: _dt.datetime | None = None) -> None:
+    def __init__(
+        self,
+        account: int,
+        amount: int,
+        event_id: _uuid.UUID | None = None,
+        at: _dt.datetime | None = None,
+    ) -> None:
         self.account = account
         self.amount = amount
         self.event_id = event_id or _uuid.uuid4()
@@ -90,28 +95,36 @@ def run(dsn: str | None, messages: int, streams: int) -> int:
         written += n
         account += 1
     write_s = _time.perf_counter() - started
-    print(f"wrote    {written:>9,} messages to {account:,} streams in {write_s:6.2f} s "
-          f"({_rate(written, write_s)}, {per_stream} per transaction)")
+    print(
+        f"wrote    {written:>9,} messages to {account:,} streams in {write_s:6.2f} s "
+        f"({_rate(written, write_s)}, {per_stream} per transaction)"
+    )
 
     by_name = store.aggregated_stream(f"{name}_by_stream", StreamNamePartitioner(), ["account-%"])
     started = _time.perf_counter()
     result = by_name.projector.update_full()
     took = _time.perf_counter() - started
     positions = by_name.get_max_aggregated_stream_positions()
-    print(f"projected {result.n_updated_messages:>8,} messages into {len(positions):,} partitions "
-          f"in {took:6.2f} s ({_rate(result.n_updated_messages, took)}, StreamNamePartitioner "
-          "in Rust)")
+    print(
+        f"projected {result.n_updated_messages:>8,} messages into {len(positions):,} partitions "
+        f"in {took:6.2f} s ({_rate(result.n_updated_messages, took)}, StreamNamePartitioner "
+        "in Rust)"
+    )
 
     by_account = store.aggregated_stream(f"{name}_by_account", AccountPartitioner(), ["account-%"])
     started = _time.perf_counter()
     result = by_account.projector.update_full()
     took = _time.perf_counter() - started
-    print(f"projected {result.n_updated_messages:>8,} messages into 8 partitions "
-          f"in {took:6.2f} s ({_rate(result.n_updated_messages, took)}, Python partitioner)")
+    print(
+        f"projected {result.n_updated_messages:>8,} messages into 8 partitions "
+        f"in {took:6.2f} s ({_rate(result.n_updated_messages, took)}, Python partitioner)"
+    )
 
     again = by_account.projector.update_full()
-    print(f"re-ran the projector: {again.n_updated_messages} new messages (nothing is projected "
-          "twice)")
+    print(
+        f"re-ran the projector: {again.n_updated_messages} new messages (nothing is projected "
+        "twice)"
+    )
 
     started = _time.perf_counter()
     read = 0
@@ -122,8 +135,10 @@ def run(dsn: str | None, messages: int, streams: int) -> int:
                 assert stored.message.account % 8 == partition
                 read += 1
     took = _time.perf_counter() - started
-    print(f"read back {read:>8,} messages partition by partition in {took:6.2f} s "
-          f"({_rate(read, took)})")
+    print(
+        f"read back {read:>8,} messages partition by partition in {took:6.2f} s "
+        f"({_rate(read, took)})"
+    )
     ok = read == written
     print("all messages accounted for" if ok else f"MISMATCH: wrote {written}, read {read}")
     return 0 if ok else 1

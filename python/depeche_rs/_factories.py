@@ -26,12 +26,12 @@ E = TypeVar("E", bound=MessageProtocol)
 class AggregatedStreamFactory(Generic[E]):
     """Creates aggregated streams of a store:
 
-        store = MessageStore(...)
-        stream = store.aggregated_stream(
-            name="stream_name",
-            partitioner=...,
-            stream_wildcards=["stream_%"]
-        )
+    store = MessageStore(...)
+    stream = store.aggregated_stream(
+        name="stream_name",
+        partitioner=...,
+        stream_wildcards=["stream_%"]
+    )
     """
 
     def __init__(self, store: MessageStore[E]) -> None:
@@ -69,14 +69,14 @@ class AggregatedStreamFactory(Generic[E]):
 class SubscriptionFactory(Generic[E]):
     """Creates subscriptions on an aggregated stream:
 
-        subscription = stream.subscription(
-            name="subscription_name",
-            handlers=...,
-            call_middleware=...,
-            error_handler=...,
-            state_provider=...,
-            lock_provider=...,
-        )
+    subscription = stream.subscription(
+        name="subscription_name",
+        handlers=...,
+        call_middleware=...,
+        error_handler=...,
+        state_provider=...,
+        lock_provider=...,
+    )
     """
 
     def __init__(self, stream: AggregatedStream[E]) -> None:

@@ -339,7 +339,8 @@ class HandlerDescriptor(Generic[E]):
             return message.message
         if self.pass_subscription_message or self.pass_stored_message:
             raise ValueError(
-                "SubscriptionMessage or StoredMessage was requested, but a plain message was provided"
+                "SubscriptionMessage or StoredMessage was requested, "
+                "but a plain message was provided"
             )
         return message
 

@@ -364,11 +364,16 @@ class MessageStore(Generic[E]):
         expected_version: int,
         messages: Sequence[E],
     ) -> MessagePosition:
-        stored = conn.exec_driver_sql(
-            f"SELECT message_id FROM {self._table} WHERE stream = %s ORDER BY version", (stream,)
-        ).scalars().all()
+        stored = (
+            conn.exec_driver_sql(
+                f"SELECT message_id FROM {self._table} WHERE stream = %s ORDER BY version",
+                (stream,),
+            )
+            .scalars()
+            .all()
+        )
         given = [m.get_message_id() for m in messages]
-        for index, (stored_id, given_id) in enumerate(zip(stored, given)):
+        for index, (stored_id, given_id) in enumerate(zip(stored, given, strict=False)):
             if stored_id != given_id:
                 raise MessageIdMismatchError(
                     f"message id mismatch in stream {stream!r} at version {index + 1}: stored "
@@ -389,8 +394,8 @@ class MessageStore(Generic[E]):
     def reader(self, conn: _sa.Connection | None = None) -> Iterator[MessageStoreReader[E]]:
         """A reader over `conn`, or over a new connection closed when the block ends.
 
-            with store.reader() as reader:
-                message = reader.get_message_by_id(some_id)
+        with store.reader() as reader:
+            message = reader.get_message_by_id(some_id)
         """
         if conn is not None:
             yield MessageStoreReader(conn, self.name, self._serializer)

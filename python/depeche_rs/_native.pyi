@@ -2,7 +2,9 @@
 
 import datetime
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
+
+__all__ = ["Projector", "hash_mod_partition", "stream_name_partition"]
 
 def stream_name_partition(stream: str) -> int:
     """First two bytes of sha256(stream), little endian."""
@@ -10,6 +12,7 @@ def stream_name_partition(stream: str) -> int:
 def hash_mod_partition(stream: str, n: int) -> int:
     """First eight bytes of sha256(stream), little endian, modulo n."""
 
+@final
 class Projector:
     """One aggregated stream's projector, holding one connection."""
 
@@ -25,9 +28,7 @@ class Projector:
     ) -> Projector: ...
     def run(
         self,
-        resolve: Callable[
-            [list[tuple[Any, ...]], bool], list[tuple[int | None, datetime.datetime]]
-        ]
+        resolve: Callable[[list[tuple[Any, ...]], bool], list[tuple[int | None, datetime.datetime]]]
         | None = None,
         budget: Any = None,
         max_batches: int | None = None,

@@ -119,11 +119,35 @@ class PipelinedConnection:
         if self._queue and not self.closed:
             try:
                 self._pg.flush()
-                self._pg.consume_input()
+                self._drain_input()
                 self._read_available()
             except psycopg.OperationalError as exc:
                 raise self._broken(exc) from exc
         self._raise_orphan_error()
+
+    def check(self) -> None:
+        """Raise `DatabaseConnectionError` if the server ended the session, without
+        blocking (also with nothing in flight)."""
+        if self.closed:
+            raise DatabaseConnectionError("the subscription connection is closed")
+        try:
+            self._pg.flush()
+            self._drain_input()
+            self._read_available()
+        except psycopg.OperationalError as exc:
+            raise self._broken(exc) from exc
+        self._raise_orphan_error()
+
+    def _drain_input(self) -> None:
+        # Read until the socket has nothing more: a server ending the session sends a
+        # FATAL error, then closes; only reading the end of the stream (a further read,
+        # with TLS a record at a time) makes libpq mark the connection bad.
+        pg = self._pg
+        sock = pg.socket
+        while True:
+            pg.consume_input()
+            if not select.select([sock], [], [], 0)[0]:
+                return
 
     def wait(self, pending: Pending) -> list[tuple[Any, ...]]:
         """Block until `pending` is done; return its rows or raise its error."""
@@ -177,6 +201,13 @@ class PipelinedConnection:
             raise self._broken(exc) from exc
 
     def _read_available(self) -> None:
+        self._read_results()
+        if self._pg.status == pq.ConnStatus.BAD:
+            # libpq ends a dead connection's pending statements without results.
+            message = self._pg.get_error_message(self._encoding) or "connection lost"
+            raise psycopg.OperationalError(message)
+
+    def _read_results(self) -> None:
         pg = self._pg
         queue = self._queue
         while queue and not pg.is_busy():

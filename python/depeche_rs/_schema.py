@@ -49,6 +49,7 @@ def store_ddl(store: str) -> str:
     seq = _names.global_sequence(store)
     channel = _names.store_channel(store)
     lock_key = STREAM_LOCK_KEY.format(stream="stream")
+    legacy_lock_key = STREAM_LOCK_KEY.format(stream=f"depeche_write_message_{store}.stream")
     return f"""
 CREATE SEQUENCE IF NOT EXISTS {seq};
 CREATE TABLE IF NOT EXISTS {t} (
@@ -78,7 +79,7 @@ AS $$
 DECLARE
   _stream_version bigint;
 BEGIN
-  PERFORM pg_advisory_xact_lock({STREAM_LOCK_KEY.format(stream=f"depeche_write_message_{store}.stream")});
+  PERFORM pg_advisory_xact_lock({legacy_lock_key});
   SELECT max(m.version) INTO _stream_version FROM {t} AS m
    WHERE m.stream = depeche_write_message_{store}.stream;
   _stream_version := coalesce(_stream_version, 0);

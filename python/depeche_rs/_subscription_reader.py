@@ -23,6 +23,7 @@ import collections
 import logging
 import random
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _names
@@ -79,6 +80,8 @@ _PARTITIONS_WITH_STATE = (
     "LEFT JOIN {subs} AS s ON s.subscription_name = $1 AND s.partition = p.partition"
 )
 _PARTITIONS = "SELECT partition, max_position FROM {maxpos}"
+# How often a batch in progress looks whether its connection (and lock) is still there.
+_CHECK_SECONDS = 0.001
 
 
 class Claim(Generic[E]):
@@ -177,6 +180,7 @@ class SubscriptionReader(Generic[E]):
         self._queue: collections.deque[int] = collections.deque()
         self._queued: set[int] = set()
         self._held_sessions: dict[str, PipelinedConnection] = {}
+        self._checked_at = 0.0
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -469,13 +473,21 @@ class SubscriptionReader(Generic[E]):
             self._state_provider.store(self._name, partition, position)
             return
         session.send(b"ack", self._sql["ack"], [self._name, partition, position])
-        # Reading what arrived (one non-blocking recv) notices a dead connection at the
-        # next message: its advisory lock is gone, so the batch must stop.
-        session.poll()
+        self._check_now(session)
 
     def check(self, claim: Claim[E]) -> None:
-        """Raise if the claim's connection (and so its partition lock) was lost."""
-        claim.session.poll()
+        """Raise if the claim's connection (and so its partition lock) was found lost.
+
+        Looks at most every `_CHECK_SECONDS`: a dead connection's advisory lock is gone,
+        so the batch must stop, but a look costs a few system calls.
+        """
+        self._check_now(claim.session)
+
+    def _check_now(self, session: PipelinedConnection) -> None:
+        now = time.monotonic()
+        if now - self._checked_at >= _CHECK_SECONDS:
+            self._checked_at = now
+            session.check()
 
     def stored_position(self, claim: Claim[E]) -> int:
         """The committed position of the claimed partition (read after our queued

@@ -176,6 +176,10 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
             finally:
                 _finish_after_error(reader, claim)
             raise
-        if handled is not None:
-            reader.ack(claim, handled)
+        try:
+            if handled is not None:
+                reader.ack(claim, handled)
+        except BaseException:
+            _finish_after_error(reader, claim)
+            raise
         reader.release(claim, wait=False)

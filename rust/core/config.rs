@@ -71,7 +71,12 @@ impl ProjectorConfig {
                 "batch size {batch_size} is out of range: use 1..={MAX_BATCH_SIZE}"
             )));
         }
-        Ok(Self { tables: TableNames::new(store, stream)?, wildcards, batch_size, partitioner })
+        Ok(Self {
+            tables: TableNames::new(store, stream)?,
+            wildcards,
+            batch_size,
+            partitioner,
+        })
     }
 }
 
@@ -106,7 +111,15 @@ mod tests {
 
     #[test]
     fn sql_in_names_is_rejected() {
-        for bad in ["", "1abc", "a-b", "a;drop table x", "a b", "é", &"x".repeat(41)] {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a;drop table x",
+            "a b",
+            "é",
+            &"x".repeat(41),
+        ] {
             assert!(TableNames::new(bad, "ok").is_err(), "{bad:?} accepted");
             assert!(TableNames::new("ok", bad).is_err(), "{bad:?} accepted");
         }

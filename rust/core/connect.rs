@@ -17,8 +17,10 @@ pub async fn connect(dsn: &str, application_name: &str) -> Result<Client> {
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
-    let (client, connection) =
-        config.connect(NoTls).await.map_err(|e| Error::Connection { what: "connecting", source: e })?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| Error::Connection {
+        what: "connecting",
+        source: e,
+    })?;
     tokio::spawn(async move {
         // The error resurfaces on the client's next query; nothing else to do here.
         let _ = connection.await;

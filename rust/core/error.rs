@@ -57,13 +57,15 @@ impl Error {
     /// The server's DETAIL, if any.
     #[must_use]
     pub fn detail(&self) -> Option<&str> {
-        self.db_error().and_then(tokio_postgres::error::DbError::detail)
+        self.db_error()
+            .and_then(tokio_postgres::error::DbError::detail)
     }
 
     /// The server's HINT, if any.
     #[must_use]
     pub fn hint(&self) -> Option<&str> {
-        self.db_error().and_then(tokio_postgres::error::DbError::hint)
+        self.db_error()
+            .and_then(tokio_postgres::error::DbError::hint)
     }
 
     fn db_error(&self) -> Option<&tokio_postgres::error::DbError> {

@@ -39,7 +39,10 @@ mod tests {
             let d = Sha256::digest(b"account-1");
             i64::from(d[0]) + 256 * i64::from(d[1])
         };
-        assert_eq!(BuiltinPartitioner::StreamName.partition("account-1"), expected);
+        assert_eq!(
+            BuiltinPartitioner::StreamName.partition("account-1"),
+            expected
+        );
         // sha256("") starts with e3 b0 -> 0xb0e3
         assert_eq!(BuiltinPartitioner::StreamName.partition(""), 0xb0e3);
     }

@@ -63,7 +63,9 @@ impl PendingBatch {
     /// the scanned window (or the newest visible position, if lower).
     fn next_position(&self) -> i64 {
         if self.limit_hit {
-            self.rows.last().map_or(self.cursor_position, |r| r.global_position)
+            self.rows
+                .last()
+                .map_or(self.cursor_position, |r| r.global_position)
         } else {
             self.max_visible
                 .unwrap_or(self.cursor_position)
@@ -128,7 +130,13 @@ impl Projector {
             .await
             .map_err(|e| Error::from_pg("configuring the projector session", e))?;
         let window = (config.batch_size as i64).clamp(MIN_WINDOW, MAX_WINDOW);
-        Ok(Self { config, client, statements: None, in_transaction: false, window })
+        Ok(Self {
+            config,
+            client,
+            statements: None,
+            in_transaction: false,
+            window,
+        })
     }
 
     async fn prepare(&self) -> Result<Statements> {
@@ -179,7 +187,11 @@ impl Projector {
             self.abort().await;
         }
         self.in_transaction = true;
-        match self.client.batch_execute(&sql::begin(&self.config.tables)).await {
+        match self
+            .client
+            .batch_execute(&sql::begin(&self.config.tables))
+            .await
+        {
             Ok(()) => {}
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 self.abort().await;
@@ -204,7 +216,9 @@ impl Projector {
             self.statements = Some(self.prepare().await?);
         }
         let Some(st) = &self.statements else {
-            return Err(Error::Config("projector statements are not prepared".into()));
+            return Err(Error::Config(
+                "projector statements are not prepared".into(),
+            ));
         };
         let row = self
             .client
@@ -295,8 +309,11 @@ impl Projector {
                 batch.rows.len()
             )));
         }
-        if let Some((row, a)) =
-            batch.rows.iter().zip(assignments).find(|(_, a)| a.partition < 0 || a.partition > i64::from(i32::MAX))
+        if let Some((row, a)) = batch
+            .rows
+            .iter()
+            .zip(assignments)
+            .find(|(_, a)| a.partition < 0 || a.partition > i64::from(i32::MAX))
         {
             return Err(Error::Partition(format!(
                 "partition {} for message {} of stream {:?} is out of range: \
@@ -312,7 +329,9 @@ impl Projector {
         partitions.sort_unstable();
         partitions.dedup();
         let Some(st) = &self.statements else {
-            return Err(Error::Config("projector statements are not prepared".into()));
+            return Err(Error::Config(
+                "projector statements are not prepared".into(),
+            ));
         };
         let mut next: HashMap<i64, i64> = partitions.iter().map(|p| (*p, 0)).collect();
         if !batch.rows.is_empty() {
@@ -362,7 +381,10 @@ impl Projector {
                 self.client
                     .execute(
                         &st.insert_rows,
-                        &[&ids, &streams, &versions, &parts, &positions, &occurred, &globals, &added],
+                        &[
+                            &ids, &streams, &versions, &parts, &positions, &occurred, &globals,
+                            &added,
+                        ],
                     )
                     .await
                     .map_err(|e| Error::from_pg("inserting projected messages", e))?;
@@ -393,7 +415,11 @@ impl Projector {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| Error::from_pg("committing the batch", e))?;
-        Ok(BatchOutcome { projected: n, more: batch.more(), partitions: partitions.len() })
+        Ok(BatchOutcome {
+            projected: n,
+            more: batch.more(),
+            partitions: partitions.len(),
+        })
     }
 
     /// Roll back an open batch; errors are ignored because the server discards the
@@ -420,7 +446,10 @@ impl Projector {
             let Some(occurred_at) = row.occurred_at else {
                 return Ok(BuiltinStep::NeedsCaller(batch));
             };
-            assignments.push(Assignment { partition: partitioner.partition(&row.stream), occurred_at });
+            assignments.push(Assignment {
+                partition: partitioner.partition(&row.stream),
+                occurred_at,
+            });
         }
         let outcome = self.finish_batch(batch, &assignments).await?;
         Ok(BuiltinStep::Done(outcome))

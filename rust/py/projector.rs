@@ -51,7 +51,11 @@ impl Projector {
             }
         };
         let config = ProjectorConfig::new(store, stream, wildcards, batch_size, partitioner)?;
-        Ok(Self { dsn, config, engine: None })
+        Ok(Self {
+            dsn,
+            config,
+            engine: None,
+        })
     }
 
     /// Project batches until none is left, the budget is over or `max_batches` ran.
@@ -131,7 +135,9 @@ impl Projector {
         }
         match &mut self.engine {
             Some((_, engine)) => Ok(engine),
-            None => Err(pyo3::exceptions::PyRuntimeError::new_err("projector has no connection")),
+            None => Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "projector has no connection",
+            )),
         }
     }
 
@@ -223,7 +229,10 @@ fn assign(
             )?;
             rows.append(item)?;
         }
-        resolved = resolve.bind(py).call1((rows, builtin.is_none()))?.extract()?;
+        resolved = resolve
+            .bind(py)
+            .call1((rows, builtin.is_none()))?
+            .extract()?;
         if resolved.len() != needs.len() {
             return Err(PyValueError::new_err(format!(
                 "resolve returned {} results for {} messages",
@@ -256,7 +265,10 @@ fn assign(
                 row.message_id, row.stream
             )));
         };
-        out.push(Assignment { partition, occurred_at });
+        out.push(Assignment {
+            partition,
+            occurred_at,
+        });
     }
     Ok(out)
 }

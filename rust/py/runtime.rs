@@ -15,7 +15,9 @@ static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
 /// in the child, so its runtime is leaked rather than shut down.
 pub fn runtime() -> PyResult<Arc<Runtime>> {
     let pid = std::process::id();
-    let mut slot = RUNTIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut slot = RUNTIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((owner, rt)) = slot.as_ref() {
         if *owner == pid {
             return Ok(Arc::clone(rt));
@@ -30,7 +32,9 @@ pub fn runtime() -> PyResult<Arc<Runtime>> {
         .enable_all()
         .build()
         .map_err(|e| {
-            pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}"))
+            pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "cannot start the tokio runtime: {e}"
+            ))
         })?;
     let rt = Arc::new(rt);
     *slot = Some((pid, Arc::clone(&rt)));
