@@ -273,8 +273,24 @@ class AggregatedStream(Generic[E]):
     def migrate_db_objects(
         cls, name: str, conn: _sa.Connection, message_store_name: str | None = None
     ) -> None:
-        """Apply `get_migration_ddl(name)` inside the caller's transaction."""
+        """Apply `get_migration_ddl(name)` inside the caller's transaction.
+
+        Raises:
+            ValueError: the stream has the 0.8-0.10 layout and `message_store_name` is
+                missing (nothing is changed).
+        """
+        if message_store_name is None:
+            lacks_columns = conn.exec_driver_sql(
+                "SELECT to_regclass(%s) IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute "
+                "WHERE attrelid = to_regclass(%s) AND attname = 'origin_stream_global_position' "
+                "AND NOT attisdropped)",
+                (_names.stream_table(name), _names.stream_table(name)),
+            ).scalar()
+            if lacks_columns:
+                raise ValueError(
+                    f"aggregated stream {name} has the depeche-db 0.8-0.10 layout: pass "
+                    "message_store_name so the origin global positions can be filled in"
+                )
         driver = conn.connection.driver_connection
         assert driver is not None
-        conn.exec_driver_sql("SELECT 1")  # begins the SQLAlchemy transaction
         driver.execute(cls.get_migration_ddl(name, message_store_name))

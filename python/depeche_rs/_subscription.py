@@ -166,7 +166,10 @@ class AckOp:
     def committed(self) -> bool:
         """Return True if the stored position is this message's."""
         if self._reader is not None and self._claim is not None:
-            return self._reader.stored_position(self._claim) == self.position
+            if self._reader.stored_position(self._claim) != self.position:
+                return False
+            self._claim.acked = self.position
+            return True
         state = self._state_provider.read(self.name)
         return state.positions.get(self.partition, -1) == self.position
 

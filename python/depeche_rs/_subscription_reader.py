@@ -518,10 +518,10 @@ class SubscriptionReader(Generic[E]):
             if claim.acked is not None:
                 self._positions[partition] = claim.acked
             more = (
-                claim.fetched >= claim.count
-                or claim.fetched > len(claim.entries)
+                claim.acked is None
+                or claim.acked < claim.last_fetched
+                or claim.fetched >= claim.count
                 or self._max_positions.get(partition, -1) > claim.last_fetched
-                or (claim.acked is not None and claim.acked < claim.last_fetched)
             )
         if more:
             # At the back: a partition that keeps failing does not starve the others.

@@ -139,7 +139,6 @@ class SubscriptionRunner(Generic[E]):
                     # is committed, else the next acknowledgement would skip this message.
                     if not ack.committed():
                         break
-                    claim.acked = position
         except BaseException:
             _finish_after_error(reader, claim)
             raise
