@@ -184,3 +184,18 @@ def test_migration_of_the_0_8_layout_needs_the_store_name(
     with pytest.raises(ValueError) as info, engine.begin() as conn:
         AggregatedStream.migrate_db_objects(stream_name, conn)
     assert "message_store_name" in str(info.value)
+
+
+def test_store_layout_before_0_8_migrates_twice(store_name: str, engine: sa.Engine) -> None:
+    db = _db_store(store_name, engine)
+    first = AccountCreated(account=1)
+    db.write("acc-1", first)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'ALTER TABLE depeche_msgs_{store_name} RENAME TO "{store_name}_messages"')
+    for _ in range(2):
+        with engine.begin() as conn:
+            depeche_rs.Storage.migrate_db_objects(store_name, conn)
+    rs = _rs_store(store_name, engine)
+    assert [m.message for m in rs.read("acc-1")] == [first]
+    assert rs.write("acc-1", AccountCreated(account=1)).version == 2
+    assert depeche_rs.Storage.message_table_name(store_name) == f"depeche_msgs_{store_name}"

@@ -4,6 +4,7 @@ A drop-in for depeche-db 0.13: `import depeche_rs as depeche_db` keeps working.
 """
 
 from ._aggregated_stream import AggregatedStream
+from ._aggregated_stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
 from ._exceptions import (
     DatabaseConnectionError,
     DatabaseError,
@@ -59,6 +60,7 @@ from ._message_store import (
     MessageStoreReaderProtocol,
 )
 from ._projector import FullUpdateResult, StreamProjector
+from ._storage import Storage
 from ._subscription import (
     AckOp,
     AckRolledback,
@@ -82,6 +84,8 @@ __all__ = [
     "AggregatedStream",
     "AggregatedStreamFactory",
     "AggregatedStreamMessage",
+    "AggregatedStreamReader",
+    "AsyncAggregatedStreamReader",
     "BatchedAckSubscriptionRunner",
     "CallMiddleware",
     "DatabaseConnectionError",
@@ -124,6 +128,7 @@ __all__ = [
     "SerializationError",
     "StartAtNextMessage",
     "StartAtPointInTime",
+    "Storage",
     "StoredMessage",
     "StreamPartitionStatistic",
     "StreamProjector",

@@ -17,10 +17,12 @@ from ._interfaces import (
     MessagePartitioner,
     MessageProtocol,
     StreamPartitionStatistic,
+    SubscriptionStartPoint,
 )
 from ._projector import StreamProjector
 
 if TYPE_CHECKING:
+    from ._aggregated_stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
     from ._factories import SubscriptionFactory
     from ._message_store import MessageStore
 
@@ -81,6 +83,20 @@ class AggregatedStream(Generic[E]):
             batch_size=update_batch_size,
             lookback_for_gaps_hours=lookback_for_gaps_hours,
         )
+
+    def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
+        """A stateless reader following this stream from `start_point` on."""
+        from ._aggregated_stream_reader import AggregatedStreamReader
+
+        return AggregatedStreamReader(self, start_point=start_point)
+
+    def async_reader(
+        self, start_point: SubscriptionStartPoint | None = None
+    ) -> AsyncAggregatedStreamReader[E]:
+        """The asyncio version of `reader`."""
+        from ._aggregated_stream_reader import AsyncAggregatedStreamReader
+
+        return AsyncAggregatedStreamReader(self, start_point=start_point)
 
     @property
     def store(self) -> MessageStore[E]:
@@ -268,6 +284,23 @@ class AggregatedStream(Generic[E]):
         0.8-0.10 layout; without it that step is left out.
         """
         return _migrations.stream_migration_ddl(name, message_store_name)
+
+    @classmethod
+    def get_migration_ddl_0_8_0(cls, aggregated_stream_name: str, message_store_name: str) -> str:
+        """DDL to migrate from < 0.8.0 (the full idempotent migration to our layout)."""
+        return _migrations.stream_migration_ddl(aggregated_stream_name, message_store_name)
+
+    @classmethod
+    def get_migration_ddl_0_11_0(
+        cls, aggregated_stream_name: str, message_store_name: str
+    ) -> str:
+        """DDL to migrate from < 0.11.0 (the full idempotent migration to our layout)."""
+        return _migrations.stream_migration_ddl(aggregated_stream_name, message_store_name)
+
+    @classmethod
+    def migration_script_generators(cls) -> dict[tuple[int, int], list[Any]]:
+        """depeche-db's per-version migration generators; each of ours does the whole job."""
+        return {(0, 8): [cls.get_migration_ddl_0_8_0], (0, 11): [cls.get_migration_ddl_0_11_0]}
 
     @classmethod
     def migrate_db_objects(

@@ -95,10 +95,12 @@ class MessageStoreReader(Generic[E]):
     """Reads messages over one connection (see `MessageStore.reader`)."""
 
     def __init__(
-        self, conn: _sa.Connection, store_name: str, serializer: MessageSerializer[E]
+        self, conn: _sa.Connection, storage: Any, serializer: MessageSerializer[E]
     ) -> None:
+        # `storage` is a store name, or anything with a `name` (depeche-db passes Storage).
+        name = storage if isinstance(storage, str) else storage.name
         self._conn = conn
-        self._table = _names.message_table(store_name)
+        self._table = _names.message_table(name)
         self._serializer = serializer
 
     def _stored(self, row: Any) -> StoredMessage[E]:
