@@ -32,7 +32,7 @@ test: $(STAMP) ## run the Rust unit tests and the whole pytest suite against rea
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP) ## ruff, mypy --strict, stubtest, cargo fmt --check, clippy -D warnings
-	$(BIN)/ruff check python tests benches
+	$(BIN)/ruff check python tests benches scripts
 	$(BIN)/ruff format --check python tests
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest depeche_rs._native

@@ -18,7 +18,7 @@ MISSING_ON_PURPOSE: dict[str, str] = {
         "internals of depeche-db's per-stream look-back algorithm; ours uses a cursor"
     ),
     **{
-        f"depeche_db.Storage.{method}": "depeche-db's row layer under MessageStore; use MessageStore"
+        f"depeche_db.Storage.{method}": "depeche-db row layer under MessageStore; use MessageStore"
         for method in (
             "add add_all get_global_position get_max_version get_message_by_id "
             "get_message_ids get_messages_by_ids read read_multiple read_wildcard truncate"

@@ -393,6 +393,7 @@ def test_uncommitted_ack_in_callers_transaction_stops_and_redelivers(
     subscription.close()
 
 
+@pytest.mark.timeout(30)
 def test_batch_api_acknowledges_and_locks(stream: Stream, engine: sa.Engine, suffix: str) -> None:
     name = f"sub_{suffix}"
     one = stream.subscription(name)

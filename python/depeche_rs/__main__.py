@@ -1,4 +1,12 @@
-"""The `depeche-rs` command: `demo` runs the main job end to end and prints figures."""
+"""The `depeche-rs` command.
+
+- `demo` runs the main job end to end and prints figures;
+- `project` keeps aggregated streams up to date (see docs/cli.md);
+- `status` prints backlogs and subscription lags;
+- `migrate` prints or applies the DDL bringing depeche-db's tables to ours.
+
+Exit statuses: 0 success or clean stop, 1 unrecoverable error, 2 bad arguments.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import _demo
+from . import _cli, _demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,11 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--dsn", help="PostgreSQL URL; default: an embedded server in ./.depeche-rs")
     demo.add_argument("--messages", type=int, default=100_000, help="messages to write")
     demo.add_argument("--streams", type=int, default=10_000, help="origin streams")
+    _cli.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo.run(args.dsn, args.messages, args.streams)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return _cli.run_command(args)
 
 
 if __name__ == "__main__":

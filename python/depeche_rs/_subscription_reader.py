@@ -119,6 +119,13 @@ class Claim(Generic[E]):
         self.acked: int | None = None
 
 
+class _Refused:
+    """A partition locked by another consumer."""
+
+
+_REFUSED = _Refused()
+
+
 class _Lock:
     __slots__ = ("key", "name")
 
@@ -236,7 +243,7 @@ class SubscriptionReader(Generic[E]):
                     return partition
             return None
 
-    def _refresh(self, session: PipelinedConnection) -> None:
+    def _refresh(self, session: PipelinedConnection, skip: list[int]) -> None:
         if self._db_state is not None:
             rows = session.wait(session.send(b"parts_s", self._sql["parts_s"], [self._name], True))
             maxima = {p: m for p, m, _ in rows}
@@ -245,7 +252,7 @@ class SubscriptionReader(Generic[E]):
             rows = session.wait(session.send(b"parts", self._sql["parts"], [], True))
             maxima = {p: m for p, m in rows}
             positions = dict(self._state_provider.read(self._name).positions)
-        behind = [p for p, m in maxima.items() if m > positions.get(p, -1)]
+        behind = [p for p, m in maxima.items() if m > positions.get(p, -1) and p not in skip]
         # Competing consumers start at different places.
         random.shuffle(behind)
         with self._mutex:
@@ -324,6 +331,7 @@ class SubscriptionReader(Generic[E]):
         Returns None when no partition has anything to read (or all such are locked).
         """
         session = self._take_session()
+        refused: list[int] = []
         refreshed = False
         try:
             while True:
@@ -332,36 +340,44 @@ class SubscriptionReader(Generic[E]):
                     if refreshed:
                         self._give_back(session)
                         return None
-                    self._refresh(session)
+                    self._refresh(session, skip=refused)
                     refreshed = True
                     continue
                 claim = self._try_claim(session, partition, count)
-                if claim is not None:
+                if isinstance(claim, _Refused):
+                    refused.append(partition)
+                elif claim is not None:
                     return claim
         except BaseException:
             self._discard(session)
             raise
+        finally:
+            # Locked by another consumer: try again on a later call, after the others.
+            for partition in refused:
+                self._requeue(partition)
 
     def _try_claim(
         self, session: PipelinedConnection, partition: int, count: int
-    ) -> Claim[E] | None:
+    ) -> Claim[E] | _Refused | None:
+        """The claim, `_REFUSED` if the partition is locked elsewhere, None if it has
+        nothing to read."""
         name = self.lock_name(partition)
         lock_pending: Pending | None = None
         if self._db_locks is not None:
             if not self._db_locks.claim(name):
-                return None
+                return _REFUSED
             lock = _Lock(name, self._db_locks.key(name))
             lock_pending = session.send(b"lock", _LOCK, [lock.key], True)
         else:
             if not self._lock_provider.lock(name):
-                return None
+                return _REFUSED
             lock = _Lock(name, None)
         try:
             read = self._read(session, partition, count, lock_pending)
             if read is None:
                 assert self._db_locks is not None
                 self._db_locks.release_claim(name)
-                return None
+                return _REFUSED
             position, rows = read
             entries, skipped_to = self._decode(partition, rows)
             if skipped_to is not None:
