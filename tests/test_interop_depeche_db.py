@@ -191,7 +191,9 @@ def test_store_layout_before_0_8_migrates_twice(store_name: str, engine: sa.Engi
     first = AccountCreated(account=1)
     db.write("acc-1", first)
     with engine.begin() as conn:
-        conn.exec_driver_sql(f'ALTER TABLE depeche_msgs_{store_name} RENAME TO "{store_name}_messages"')
+        conn.exec_driver_sql(
+            f'ALTER TABLE depeche_msgs_{store_name} RENAME TO "{store_name}_messages"'
+        )
     for _ in range(2):
         with engine.begin() as conn:
             depeche_rs.Storage.migrate_db_objects(store_name, conn)

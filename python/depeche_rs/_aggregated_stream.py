@@ -84,7 +84,9 @@ class AggregatedStream(Generic[E]):
             lookback_for_gaps_hours=lookback_for_gaps_hours,
         )
 
-    def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
+    def reader(
+        self, start_point: SubscriptionStartPoint | None = None
+    ) -> AggregatedStreamReader[E]:
         """A stateless reader following this stream from `start_point` on."""
         from ._aggregated_stream_reader import AggregatedStreamReader
 
@@ -291,9 +293,7 @@ class AggregatedStream(Generic[E]):
         return _migrations.stream_migration_ddl(aggregated_stream_name, message_store_name)
 
     @classmethod
-    def get_migration_ddl_0_11_0(
-        cls, aggregated_stream_name: str, message_store_name: str
-    ) -> str:
+    def get_migration_ddl_0_11_0(cls, aggregated_stream_name: str, message_store_name: str) -> str:
         """DDL to migrate from < 0.11.0 (the full idempotent migration to our layout)."""
         return _migrations.stream_migration_ddl(aggregated_stream_name, message_store_name)
 
