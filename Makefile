@@ -24,7 +24,7 @@ build: $(STAMP) ## rebuild the native module into .venv after Rust changes
 wheel: $(STAMP) ## build the release wheel (manylinux_2_34, abi3, no OpenSSL) into dist/
 	$(BIN)/maturin build --release --compatibility manylinux_2_34 -o dist
 
-demo: $(STAMP) ## write, project and read back 100k messages on the embedded PostgreSQL
+demo: $(STAMP) ## write 50k messages, project them and subscribe, on the embedded PostgreSQL, with figures
 	$(BIN)/python -m depeche_rs demo
 
 test: $(STAMP) ## run the Rust unit tests and the whole pytest suite against real PostgreSQL

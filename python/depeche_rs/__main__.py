@@ -28,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="write, project and read back messages, printing what happened"
     )
     demo.add_argument("--dsn", help="PostgreSQL URL; default: an embedded server in ./.depeche-rs")
-    demo.add_argument("--messages", type=int, default=100_000, help="messages to write")
-    demo.add_argument("--streams", type=int, default=10_000, help="origin streams")
+    demo.add_argument("--messages", type=int, default=50_000, help="messages to write")
+    demo.add_argument("--streams", type=int, default=5_000, help="origin streams")
     _cli.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
