@@ -1,0 +1,166 @@
+"""Argument parsers of `project`, `status` and `migrate`, and their dispatch.
+
+Exit statuses: 0 done or stopped cleanly, 1 an error no retry can fix (including a
+database that cannot be reached at start), 2 bad arguments or configuration (argparse
+exits with 2 by itself; `ConfigError` is turned into 2 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ._config import DSN_ENV, LOG_FORMATS, LOG_LEVELS, ConfigError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_DSN_HELP = f"PostgreSQL URL (default: ${DSN_ENV}, or dsn in the config file)"
+
+
+def _add_project(commands: Any) -> None:
+    p = commands.add_parser(
+        "project",
+        help="keep aggregated streams up to date: catch up, then stay live (hot standby ready)",
+        description=(
+            "Project origin streams into aggregated streams continuously: create what is "
+            "missing, catch up with a progress display, then project each new message as "
+            "its NOTIFY arrives (polling as a safety net). Several instances may run for "
+            "the same stream: one projects, the others stand by and take over within a "
+            "poll interval when it stops. SIGTERM/SIGINT stop cleanly (exit 0)."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file with [[streams]] (see docs/cli.md)")
+    p.add_argument("--dsn", help=_DSN_HELP)
+    p.add_argument("--store", help="message store name")
+    p.add_argument("--stream", help="aggregated stream name")
+    p.add_argument(
+        "--wildcard",
+        action="append",
+        metavar="PATTERN",
+        help="LIKE pattern of origin streams, e.g. 'account-%%' (repeatable)",
+    )
+    p.add_argument(
+        "--partitioner",
+        metavar="SPEC",
+        help="stream-hash (depeche-db's StreamNamePartitioner), hash-mod:N, or module:attr",
+    )
+    p.add_argument("--batch-size", type=int, metavar="N", help="messages per batch (1000)")
+    p.add_argument(
+        "--serializer",
+        metavar="MODULE:ATTR",
+        help="the application's serializer; default: messages are their raw JSON objects",
+    )
+    p.add_argument(
+        "--time-field",
+        action="append",
+        metavar="FIELD",
+        help="JSON field holding the message time when no serializer is given (repeatable)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        metavar="SECONDS",
+        help="pass without a notification, and standby lock attempts, this often (1)",
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM/SIGINT, abandon (roll back) a batch still running this late (3)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        metavar="SECONDS",
+        help="progress line this often when stderr is not a terminal (10)",
+    )
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
+    p.add_argument("--metrics-host", metavar="HOST", help="address to serve them on (0.0.0.0)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="info by default")
+    p.add_argument(
+        "--once", action="store_true", help="catch up, then exit instead of staying live"
+    )
+
+
+def _add_status(commands: Any) -> None:
+    p = commands.add_parser(
+        "status",
+        help="backlog of each aggregated stream, lag of each subscription",
+        description=(
+            "Print, per aggregated stream, its partitions, messages, backlog and the age of "
+            "the oldest unprojected message, and per subscription its total lag and the "
+            "partitions lagging most."
+        ),
+    )
+    p.add_argument("--dsn", help=_DSN_HELP)
+    p.add_argument("--store", help="only this message store's streams and subscriptions")
+    p.add_argument("--config", metavar="FILE", help="TOML file naming streams and wildcards")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="partitions shown (0: all)")
+    p.add_argument(
+        "--subscription",
+        action="append",
+        metavar="NAME=STREAM",
+        help="the aggregated stream of a subscription, when it cannot be inferred (repeatable)",
+    )
+
+
+def _add_migrate(commands: Any) -> None:
+    p = commands.add_parser(
+        "migrate",
+        help="print (or --apply) the DDL bringing depeche-db tables to depeche-rs's layout",
+        description=(
+            "Print the idempotent DDL that brings a depeche-db store (and aggregated streams, "
+            "subscription state tables) to depeche-rs's layout, or apply it in one transaction."
+        ),
+    )
+    p.add_argument("--dsn", help=_DSN_HELP + "; needed with --apply")
+    p.add_argument("--store", required=True, help="message store name")
+    p.add_argument(
+        "--stream", action="append", metavar="AGG", help="aggregated stream (repeatable)"
+    )
+    p.add_argument(
+        "--subscription",
+        action="append",
+        metavar="NAME",
+        help="subscription state table name (repeatable)",
+    )
+    p.add_argument("--apply", action="store_true", help="apply it instead of printing it")
+
+
+def add_commands(commands: Any) -> None:
+    """Add `project`, `status` and `migrate` to the `depeche-rs` subparsers."""
+    _add_project(commands)
+    _add_status(commands)
+    _add_migrate(commands)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `args.command`; returns the exit status."""
+    from ._signals import Abandoned
+
+    try:
+        if args.command == "project":
+            from ._config import project_settings
+            from ._project import run_project
+
+            return run_project(project_settings(args))
+        if args.command == "status":
+            from ._status import run_status
+
+            return run_status(args)
+        if args.command == "migrate":
+            from ._migrate import run_migrate
+
+            return run_migrate(args)
+    except ConfigError as exc:
+        print(f"depeche-rs {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (Abandoned, KeyboardInterrupt):
+        # A stop signal before the loop was running, or after it ended.
+        return EXIT_OK
+    raise ValueError(f"unknown command {args.command!r}")

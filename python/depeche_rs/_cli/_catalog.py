@@ -1,0 +1,291 @@
+"""What the database holds, as the commands need it: the projector registry, backlogs,
+lock holders, and the stores, aggregated streams and subscription tables present.
+
+The registry (`depeche_rs_projectors`, an additive table of ours) records, per aggregated
+stream, the store, wildcards and partitioner `depeche-rs project` last ran it with: the
+tables themselves do not say which origin streams an aggregated stream follows, and
+`status` needs that to count the backlog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .. import _names
+
+REGISTRY_TABLE = "depeche_rs_projectors"
+# The hot-standby lock is `pg_try_advisory_lock(LOCK_CLASS, hashtext(stream))`: the
+# two-key form lives in a key space apart from the one-key locks used elsewhere.
+LOCK_CLASS = int.from_bytes(b"dprs", "big")
+
+Conn = psycopg.Connection[Any]
+
+_STREAM_PREFIX = "depeche_stream_"
+_STORE_PREFIX = "depeche_msgs_"
+_SUBSCRIPTION_PREFIX = "depeche_subscriptions_"
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """How `depeche-rs project` last ran an aggregated stream."""
+
+    stream: str
+    store: str
+    wildcards: tuple[str, ...]
+    partitioner: str
+    batch_size: int
+    registered_by: str
+    updated_at: _dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Backlog:
+    """Matching messages above the projector's cursor that are not projected yet.
+
+    Messages below the cursor whose transaction is still running are not counted: they
+    are not visible yet.
+    """
+
+    messages: int
+    oldest_written_at: _dt.datetime | None
+    oldest_age_seconds: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LockHolder:
+    """The session holding an aggregated stream's hot-standby lock."""
+
+    pid: int
+    application_name: str
+    client_addr: str | None
+    since: _dt.datetime | None
+
+    def describe(self) -> str:
+        """`'depeche-rs project host 42' (server pid 1234, from 10.0.0.7)`."""
+        where = f", from {self.client_addr}" if self.client_addr else ""
+        name = self.application_name or "unnamed session"
+        return f"{name!r} (server pid {self.pid}{where})"
+
+
+def _table(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
+
+
+def regclass_exists(conn: Conn, table: str) -> bool:
+    """True when `table` is visible on the search path."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+    return bool(row and row[0])
+
+
+def ensure_registry(conn: Conn) -> None:
+    """Create the registry table if missing (safe when several processes start at once)."""
+    if regclass_exists(conn, REGISTRY_TABLE):
+        return
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", ("depeche_rs:" + REGISTRY_TABLE,)
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " stream text PRIMARY KEY,"
+                " store text NOT NULL,"
+                " wildcards text[] NOT NULL,"
+                " partitioner text NOT NULL,"
+                " batch_size integer NOT NULL,"
+                " registered_by text NOT NULL,"
+                " updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(_table(REGISTRY_TABLE))
+        )
+
+
+_REGISTRATION_COLUMNS = (
+    "stream, store, wildcards, partitioner, batch_size, registered_by, updated_at"
+)
+
+
+def _registration(row: Sequence[Any]) -> Registration:
+    return Registration(
+        stream=row[0],
+        store=row[1],
+        wildcards=tuple(row[2]),
+        partitioner=row[3],
+        batch_size=row[4],
+        registered_by=row[5],
+        updated_at=row[6],
+    )
+
+
+def register(
+    conn: Conn,
+    stream: str,
+    store: str,
+    wildcards: Sequence[str],
+    partitioner: str,
+    batch_size: int,
+    registered_by: str,
+) -> Registration | None:
+    """Record how `stream` is projected; returns the previous record, if any."""
+    ensure_registry(conn)
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL("SELECT {} FROM {} WHERE stream = %s FOR UPDATE").format(
+                sql.SQL(_REGISTRATION_COLUMNS), _table(REGISTRY_TABLE)
+            ),
+            (stream,),
+        ).fetchone()
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (stream, store, wildcards, partitioner, batch_size, registered_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (stream) DO UPDATE SET store = excluded.store,"
+                " wildcards = excluded.wildcards, partitioner = excluded.partitioner,"
+                " batch_size = excluded.batch_size, registered_by = excluded.registered_by,"
+                " updated_at = now()"
+            ).format(_table(REGISTRY_TABLE)),
+            (stream, store, list(wildcards), partitioner, batch_size, registered_by),
+        )
+    return _registration(row) if row else None
+
+
+def registrations(conn: Conn) -> list[Registration]:
+    """Every registered aggregated stream, by name."""
+    if not regclass_exists(conn, REGISTRY_TABLE):
+        return []
+    rows = conn.execute(
+        sql.SQL("SELECT {} FROM {} ORDER BY stream").format(
+            sql.SQL(_REGISTRATION_COLUMNS), _table(REGISTRY_TABLE)
+        )
+    ).fetchall()
+    return [_registration(r) for r in rows]
+
+
+def backlog(conn: Conn, store: str, stream: str, wildcards: Sequence[str]) -> Backlog:
+    """Count the backlog of `stream` (see `Backlog`)."""
+    cursor = _names.cursor_table(stream)
+    # Without our cursor table (a depeche-db layout not migrated yet) every matching
+    # message is checked against the aggregated table.
+    above = (
+        sql.SQL("coalesce((SELECT global_position FROM {} WHERE id = 1), 0)").format(_table(cursor))
+        if regclass_exists(conn, cursor)
+        else sql.SQL("0")
+    )
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), min(m.added_at),"
+            " extract(epoch FROM localtimestamp - min(m.added_at))::float8"
+            " FROM {msgs} AS m"
+            " WHERE m.global_position > {above} AND m.stream LIKE ANY(%s)"
+            " AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id)"
+        ).format(
+            msgs=_table(_names.message_table(store)),
+            agg=_table(_names.stream_table(stream)),
+            above=above,
+        ),
+        (list(wildcards),),
+    ).fetchone()
+    assert row is not None
+    return Backlog(messages=int(row[0]), oldest_written_at=row[1], oldest_age_seconds=row[2])
+
+
+def lock_holder(conn: Conn, stream: str) -> LockHolder | None:
+    """The session holding `stream`'s hot-standby lock, if any."""
+    row = conn.execute(
+        "SELECT l.pid, coalesce(a.application_name, ''), host(a.client_addr), a.backend_start"
+        " FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+        "   AND l.classid = %s::int4::oid AND l.objid = hashtext(%s)::oid"
+        "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " LIMIT 1",
+        (LOCK_CLASS, stream),
+    ).fetchone()
+    if row is None:
+        return None
+    return LockHolder(pid=row[0], application_name=row[1], client_addr=row[2], since=row[3])
+
+
+def _tables_with_column(conn: Conn, prefix: str, column: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class AS c"
+        " WHERE c.relkind IN ('r', 'p') AND c.relname LIKE %s AND pg_table_is_visible(c.oid)"
+        "   AND EXISTS (SELECT 1 FROM pg_attribute AS a WHERE a.attrelid = c.oid"
+        "               AND a.attname = %s AND NOT a.attisdropped)"
+        " ORDER BY c.relname",
+        (prefix.replace("_", "\\_") + "%", column),
+    ).fetchall()
+    names = [r[0][len(prefix) :] for r in rows]
+    # Names end up in further queries (quoted), but only identifiers are ours to read.
+    return [n for n in names if _IDENTIFIER.match(n)]
+
+
+def aggregated_streams(conn: Conn) -> list[str]:
+    """Names of the aggregated streams present (tables with an `origin_stream` column)."""
+    return _tables_with_column(conn, _STREAM_PREFIX, "origin_stream")
+
+
+def stores(conn: Conn) -> list[str]:
+    """Names of the message stores present."""
+    return _tables_with_column(conn, _STORE_PREFIX, "global_position")
+
+
+def subscription_tables(conn: Conn) -> list[str]:
+    """Names of the subscription state tables present (without the prefix)."""
+    return _tables_with_column(conn, _SUBSCRIPTION_PREFIX, "subscription_name")
+
+
+def store_of(conn: Conn, stream: str, candidates: Sequence[str]) -> str | None:
+    """The store among `candidates` whose messages `stream` aggregates (None if empty)."""
+    row = conn.execute(
+        sql.SQL("SELECT message_id FROM {} LIMIT 1").format(_table(_names.stream_table(stream)))
+    ).fetchone()
+    if row is None:
+        return None
+    for store in candidates:
+        found = conn.execute(
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE message_id = %s)").format(
+                _table(_names.message_table(store))
+            ),
+            (row[0],),
+        ).fetchone()
+        if found and found[0]:
+            return store
+    return None
+
+
+def max_positions(conn: Conn, stream: str) -> dict[int, int]:
+    """Partition -> highest position of `stream`."""
+    maxpos = _names.maxpos_table(stream)
+    if regclass_exists(conn, maxpos):
+        query = sql.SQL("SELECT partition, max_position FROM {}").format(_table(maxpos))
+    else:  # depeche-db before 0.12.3
+        query = sql.SQL("SELECT partition, max(position) FROM {} GROUP BY partition").format(
+            _table(_names.stream_table(stream))
+        )
+    return {int(p): int(m) for p, m in conn.execute(query).fetchall()}
+
+
+def subscription_states(conn: Conn, table: str) -> dict[str, dict[int, int]]:
+    """Subscription name -> partition -> last acknowledged position, from one state table.
+
+    depeche-db's "initialized" marker (partition -1) is left out; a subscription with
+    only that marker maps to an empty dict.
+    """
+    rows = conn.execute(
+        sql.SQL("SELECT subscription_name, partition, position FROM {}").format(
+            _table(_names.subscription_table(table))
+        )
+    ).fetchall()
+    states: dict[str, dict[int, int]] = {}
+    for name, partition, position in rows:
+        positions = states.setdefault(str(name), {})
+        if partition >= 0:
+            positions[int(partition)] = int(position)
+    return states

@@ -1,0 +1,415 @@
+"""Settings of `depeche-rs project` and `status`, from command-line arguments and a TOML file.
+
+Everything here is checked before a connection is opened, and every problem is a
+`ConfigError`, which the command turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._connection import redact, sqlalchemy_url
+from .._exceptions import InvalidNameError, InvalidWildcardError
+from .._names import validate_name, validate_wildcards
+from .._projector import DEFAULT_BATCH_SIZE, builtin_partitioner
+from ._json_messages import DEFAULT_TIME_FIELDS
+
+DSN_ENV = "DEPECHE_RS_DSN"
+
+_TOP_LEVEL_KEYS = {
+    "dsn",
+    "poll_interval",
+    "stop_timeout",
+    "progress_interval",
+    "log_format",
+    "log_level",
+    "metrics_port",
+    "metrics_host",
+    "batch_size",
+    "serializer",
+    "time_fields",
+    "streams",
+}
+_STREAM_KEYS = {
+    "store",
+    "stream",
+    "wildcards",
+    "partitioner",
+    "batch_size",
+    "serializer",
+    "time_fields",
+}
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """Bad arguments or configuration; the command exits with status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionerSpec:
+    """A partitioner as named on the command line, resolved to an object.
+
+    Attributes:
+        text: What was given (`stream-hash`, `hash-mod:8`, `pkg.module:attr`).
+        obj: The partitioner object handed to `AggregatedStream`.
+        kind: The Rust engine's name for it ("stream_name", "hash_mod"), or None when
+            Python computes partitions.
+        modulus: The modulus of "hash_mod".
+    """
+
+    text: str
+    obj: Any
+    kind: str | None
+    modulus: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """One aggregated stream to project.
+
+    Attributes:
+        store: Message store name.
+        stream: Aggregated stream name.
+        wildcards: LIKE patterns of the origin streams.
+        partitioner: The partitioner (None for `status`, which does not need one).
+        batch_size: Messages per batch (one transaction each).
+        serializer: The `module:attr` serializer given, or None for raw JSON messages.
+        serializer_obj: The serializer object (None when not given).
+        time_fields: JSON fields holding the message time, for raw JSON messages.
+    """
+
+    store: str
+    stream: str
+    wildcards: tuple[str, ...]
+    partitioner: PartitionerSpec | None
+    batch_size: int
+    serializer: str | None = None
+    serializer_obj: Any = None
+    time_fields: tuple[str, ...] = DEFAULT_TIME_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectSettings:
+    """Everything `depeche-rs project` runs with."""
+
+    dsn: str
+    streams: tuple[StreamSpec, ...]
+    poll_interval: float
+    stop_timeout: float
+    progress_interval: float
+    log_format: str
+    log_level: str
+    metrics_port: int | None
+    metrics_host: str
+    once: bool
+
+
+def import_object(text: str, what: str) -> Any:
+    """Import `module:attr` (attr may be dotted), as `python -m` would from the cwd."""
+    module_name, sep, attr = text.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} {text!r} must be given as module:attribute")
+    # A console script does not put the working directory on sys.path; `python -m` does,
+    # and users expect `myapp.partitioners:ByAccount` to import from where they run.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{what} {text!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"{what} {text!r}: importing module {module_name!r} raised {exc!r}"
+        ) from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ConfigError(
+                f"{what} {text!r}: {module_name!r} has no attribute {attr!r}"
+            ) from exc
+    return obj
+
+
+def _instantiate(obj: Any, text: str, what: str) -> Any:
+    if not isinstance(obj, type):
+        return obj
+    try:
+        return obj()
+    except Exception as exc:
+        raise ConfigError(
+            f"{what} {text!r} is a class that cannot be instantiated without arguments "
+            f"({exc!r}); point to an instance instead"
+        ) from exc
+
+
+def parse_partitioner(text: str) -> PartitionerSpec:
+    """`stream-hash`, `hash-mod:N` or `module:attr` to a partitioner."""
+    from ..tools import StreamHashPartitioner, StreamNamePartitioner
+
+    obj: Any
+    if text == "stream-hash":
+        obj = StreamNamePartitioner()
+    elif text.startswith("hash-mod:"):
+        raw = text[len("hash-mod:") :]
+        try:
+            modulus = int(raw)
+        except ValueError:
+            modulus = 0
+        if not 1 <= modulus <= 2**31 - 1:
+            raise ConfigError(
+                f"partitioner {text!r}: the modulus must be an integer from 1 to {2**31 - 1}"
+            )
+        obj = StreamHashPartitioner(modulus)
+    elif ":" in text and not text.startswith("hash-mod"):
+        obj = _instantiate(import_object(text, "partitioner"), text, "partitioner")
+        if not callable(getattr(obj, "get_partition", None)):
+            raise ConfigError(
+                f"partitioner {text!r} ({type(obj).__name__}) has no get_partition(message) method"
+            )
+    else:
+        raise ConfigError(
+            f"unknown partitioner {text!r}: use stream-hash (depeche-db's StreamNamePartitioner), "
+            "hash-mod:N (N partitions by stream hash) or module:attr (a Python partitioner)"
+        )
+    builtin = builtin_partitioner(obj)
+    kind, modulus_ = builtin if builtin else (None, None)
+    return PartitionerSpec(text=text, obj=obj, kind=kind, modulus=modulus_)
+
+
+def parse_serializer(text: str) -> Any:
+    """`module:attr` to a serializer object (a class is instantiated without arguments)."""
+    obj = _instantiate(import_object(text, "serializer"), text, "serializer")
+    if not callable(getattr(obj, "deserialize", None)):
+        raise ConfigError(f"serializer {text!r} ({type(obj).__name__}) has no deserialize method")
+    return obj
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML file at `path` as a dict."""
+    try:
+        toml: Any = importlib.import_module("tomllib")
+    except ModuleNotFoundError:
+        try:
+            toml = importlib.import_module("tomli")
+        except ModuleNotFoundError:
+            raise ConfigError(
+                "reading a TOML config file needs Python 3.11+ (or `pip install tomli`); "
+                "on this Python, pass the settings as arguments instead"
+            ) from None
+    try:
+        with Path(path).open("rb") as f:
+            data = toml.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # tomllib.TOMLDecodeError subclasses ValueError
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a TOML table")
+    return data
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _string_list(value: Any, key: str, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (0 is a value: it must be rejected, not replaced)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _positive(value: float, what: str) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value}")
+    return value
+
+
+def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = True) -> str | None:
+    """The DSN from the argument, the config file or `$DEPECHE_RS_DSN`, checked."""
+    dsn = given or _typed(config, "dsn", str, "config") or os.environ.get(DSN_ENV) or None
+    if dsn is None:
+        if required:
+            raise ConfigError(f"no database: pass --dsn, set ${DSN_ENV} or put dsn in the config")
+        return None
+    try:
+        sqlalchemy_url(dsn)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return str(dsn)
+
+
+def shown_dsn(dsn: str) -> str:
+    """`dsn` without its password, for logs and messages."""
+    return redact(dsn).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _stream_spec(
+    table: Mapping[str, Any], defaults: Mapping[str, Any], where: str, projecting: bool
+) -> StreamSpec:
+    _check_keys(table, _STREAM_KEYS, where)
+    store = _typed(table, "store", str, where)
+    stream = _typed(table, "stream", str, where)
+    wildcards = _string_list(table.get("wildcards"), "wildcards", where)
+    partitioner = _typed(table, "partitioner", str, where)
+    required = (("store", store), ("stream", stream), ("wildcards", wildcards))
+    missing = [key for key, value in required if not value]
+    if projecting and not partitioner:
+        missing.append("partitioner")
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
+    try:
+        validate_name(store, "store name")
+        validate_name(stream, "aggregated stream name")
+        checked = tuple(validate_wildcards(list(wildcards or ())))
+    except (InvalidNameError, InvalidWildcardError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    batch_size = _typed(table, "batch_size", int, where)
+    if batch_size is None:
+        batch_size = _first(defaults.get("batch_size"), DEFAULT_BATCH_SIZE)
+    if batch_size < 1:
+        raise ConfigError(f"{where}: batch_size must be at least 1, got {batch_size}")
+    serializer = _typed(table, "serializer", str, where) or defaults.get("serializer")
+    time_fields = _string_list(table.get("time_fields"), "time_fields", where)
+    time_fields = time_fields or defaults.get("time_fields") or DEFAULT_TIME_FIELDS
+    return StreamSpec(
+        store=str(store),
+        stream=str(stream),
+        wildcards=checked,
+        # `status` only needs names and wildcards: it imports no application code.
+        partitioner=parse_partitioner(partitioner) if partitioner and projecting else None,
+        batch_size=int(batch_size),
+        serializer=serializer,
+        serializer_obj=parse_serializer(serializer) if serializer and projecting else None,
+        time_fields=tuple(time_fields),
+    )
+
+
+def stream_specs(
+    args: argparse.Namespace, config: Mapping[str, Any], projecting: bool
+) -> tuple[StreamSpec, ...]:
+    """The streams named by `--store/--stream/--wildcard/...` or by the config's `[[streams]]`."""
+    defaults: dict[str, Any] = {
+        "batch_size": _first(
+            getattr(args, "batch_size", None), _typed(config, "batch_size", int, "config")
+        ),
+        "serializer": getattr(args, "serializer", None)
+        or _typed(config, "serializer", str, "config"),
+        "time_fields": tuple(getattr(args, "time_field", None) or ())
+        or _string_list(config.get("time_fields"), "time_fields", "config"),
+    }
+    single = {
+        "store": args.store,
+        "stream": getattr(args, "stream", None),
+        "wildcards": list(getattr(args, "wildcard", None) or []) or None,
+        "partitioner": getattr(args, "partitioner", None),
+    }
+    tables = config.get("streams")
+    if tables is not None and (
+        not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables)
+    ):
+        raise ConfigError("config: streams must be an array of tables ([[streams]])")
+    given = {k: v for k, v in single.items() if v}
+    if tables and (given.keys() - {"store"}):
+        raise ConfigError(
+            "give the streams either in the config file ([[streams]]) or with "
+            "--stream/--wildcard/--partitioner, not both"
+        )
+    specs: list[StreamSpec]
+    if tables:
+        specs = [
+            _stream_spec(t, defaults, f"config [[streams]] #{i + 1}", projecting)
+            for i, t in enumerate(tables)
+        ]
+    elif given.keys() - {"store"}:
+        specs = [_stream_spec(given, defaults, "arguments", projecting)]
+    else:
+        return ()
+    names = [s.stream for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"aggregated stream(s) listed twice: {', '.join(duplicates)}")
+    return tuple(specs)
+
+
+def project_settings(args: argparse.Namespace) -> ProjectSettings:
+    """Check the arguments (and config file) of `depeche-rs project`."""
+    config: dict[str, Any] = read_toml(args.config) if args.config else {}
+    if config:
+        _check_keys(config, _TOP_LEVEL_KEYS, "config")
+
+    def pick(name: str, kind: type, default: Any) -> Any:
+        value = getattr(args, name)
+        if value is None:
+            value = _typed(config, name, kind, "config")
+        return default if value is None else value
+
+    log_format = pick("log_format", str, "text")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    log_level = pick("log_level", str, "info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    port = pick("metrics_port", int, None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"metrics port must be from 0 to 65535, got {port}")
+    poll_interval = _positive(float(pick("poll_interval", float, 1.0)), "poll interval")
+    stop_timeout = _positive(float(pick("stop_timeout", float, 3.0)), "stop timeout")
+    progress_interval = _positive(
+        float(pick("progress_interval", float, 10.0)), "progress interval"
+    )
+    metrics_host = pick("metrics_host", str, "0.0.0.0")
+    streams = stream_specs(args, config, projecting=True)
+    if not streams:
+        raise ConfigError(
+            "nothing to project: give --store, --stream, --wildcard and --partitioner, "
+            "or --config with [[streams]] tables"
+        )
+    dsn = resolve_dsn(args.dsn, config)
+    assert dsn is not None
+    return ProjectSettings(
+        dsn=dsn,
+        streams=streams,
+        poll_interval=poll_interval,
+        stop_timeout=stop_timeout,
+        progress_interval=progress_interval,
+        log_format=log_format,
+        log_level=log_level,
+        metrics_port=port,
+        metrics_host=metrics_host,
+        once=bool(args.once),
+    )

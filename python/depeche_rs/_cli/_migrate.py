@@ -1,0 +1,89 @@
+"""`depeche-rs migrate`: print, or apply, the DDL bringing depeche-db's layouts to ours.
+
+The script is the one `AggregatedStream.get_migration_ddl` and friends return: idempotent
+(running it on objects already at our layout changes nothing) and additive. It runs in one
+transaction, under the same advisory locks as the library's own table creation, so it is
+safe while applications start up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+import psycopg
+
+from .. import _migrations, _names
+from .._exceptions import InvalidNameError
+from ._config import ConfigError, resolve_dsn, shown_dsn
+
+
+def _lock(key: str) -> str:
+    # The keys `_schema` takes while creating the same objects.
+    return f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{key}'));"
+
+
+def migration_script(store: str, streams: list[str], subscriptions: list[str]) -> str:
+    """The whole script, without BEGIN/COMMIT."""
+    try:
+        _names.validate_name(store, "store name")
+        for stream in streams:
+            _names.validate_name(stream, "aggregated stream name")
+        for name in subscriptions:
+            _names.validate_name(name, "subscription state name")
+    except InvalidNameError as exc:
+        raise ConfigError(str(exc)) from exc
+    parts = [
+        f"-- store {store}",
+        _lock("store:" + store),
+        _migrations.store_migration_ddl(store).strip(),
+    ]
+    for stream in streams:
+        parts += [
+            f"-- aggregated stream {stream}",
+            _lock("stream:" + stream),
+            _migrations.stream_migration_ddl(stream, store).strip(),
+        ]
+    for name in subscriptions:
+        parts += [
+            f"-- subscription state {name}",
+            _lock(_names.subscription_table(name)),
+            _migrations.subscription_migration_ddl(name).strip(),
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run `depeche-rs migrate`; returns the exit status."""
+    out = out if out is not None else sys.stdout
+    streams = list(dict.fromkeys(args.stream or []))
+    subscriptions = list(dict.fromkeys(args.subscription or []))
+    script = migration_script(args.store, streams, subscriptions)
+    if not args.apply:
+        # A printed script is for psql: one transaction, all or nothing.
+        print(
+            "-- depeche-rs migrate: brings depeche-db layouts to depeche-rs's; idempotent\n"
+            f"BEGIN;\n\n{script}\nCOMMIT;",
+            file=out,
+        )
+        return 0
+    dsn = resolve_dsn(args.dsn, {})
+    assert dsn is not None
+    objects = ", ".join([f"store {args.store}", *(f"aggregated stream {s}" for s in streams)])
+    objects += "".join(f", subscription state {s}" for s in subscriptions)
+    try:
+        with psycopg.connect(dsn, application_name="depeche-rs migrate") as conn:
+            # No parameters: the DDL holds literal % signs (LIKE patterns, format strings).
+            conn.execute(script.encode())
+    except psycopg.OperationalError as exc:
+        print(f"depeche-rs migrate: cannot connect to {shown_dsn(dsn)}: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        print(
+            f"depeche-rs migrate: the migration failed and was rolled back: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"migrated {objects}", file=out)
+    return 0

@@ -1,0 +1,327 @@
+"""`depeche-rs status`: each aggregated stream's backlog and each subscription's lag.
+
+All figures come from one REPEATABLE READ snapshot, so they agree with each other.
+
+- Aggregated streams are the `depeche_stream_*` tables. Their store and wildcards come
+  from `--config`, else from the registry `depeche-rs project` writes; a stream known to
+  neither shows no backlog (nothing says which origin streams it follows). Messages are
+  the sum of the partitions' max positions + 1 (positions are gapless); the backlog is
+  `_catalog.backlog`.
+- Subscriptions are the rows of the `depeche_subscriptions_*` tables. The state does not
+  name its aggregated stream: `--subscription NAME=STREAM` does, else the stream is the
+  only one whose partitions and positions can hold that state. Lag per partition is the
+  partition's max position minus the last acknowledged one (max position + 1 when
+  nothing was acknowledged yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO, TypeVar
+
+import psycopg
+import psycopg.errors
+
+from . import _catalog
+from ._config import ConfigError, read_toml, resolve_dsn, shown_dsn, stream_specs
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionLag:
+    """One partition of a subscription."""
+
+    partition: int
+    position: int | None
+    max_position: int
+    lag: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStatus:
+    """One aggregated stream."""
+
+    name: str
+    store: str | None
+    wildcards: tuple[str, ...] | None
+    definition: str | None
+    partitions: int
+    messages: int
+    backlog: int | None
+    oldest_unprojected_written_at: _dt.datetime | None
+    oldest_unprojected_age_seconds: float | None
+    projector: _catalog.LockHolder | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SubscriptionStatus:
+    """One subscription."""
+
+    name: str
+    state_table: str
+    stream: str | None
+    stream_inferred: bool
+    total_lag: int | None
+    partitions: tuple[PartitionLag, ...]
+    note: str | None
+
+
+def _parse_subscription_streams(values: Sequence[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for value in values:
+        name, sep, stream = value.partition("=")
+        if not sep or not name or not stream:
+            raise ConfigError(f"--subscription takes NAME=STREAM, got {value!r}")
+        mapping[name] = stream
+    return mapping
+
+
+def _lags(maxpos: Mapping[int, int], positions: Mapping[int, int]) -> list[PartitionLag]:
+    return [
+        PartitionLag(
+            partition=p,
+            position=positions.get(p),
+            max_position=m,
+            lag=max(0, m - positions.get(p, -1)),
+        )
+        for p, m in maxpos.items()
+    ]
+
+
+def _vanishing(conn: psycopg.Connection[Any], query: Callable[..., T], *args: Any) -> T | None:
+    """`query(conn, *args)` in a savepoint; None when its table was dropped meanwhile
+    (another application's teardown must not fail the whole report)."""
+    try:
+        with conn.transaction():
+            return query(conn, *args)
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+def collect(
+    conn: psycopg.Connection[Any],
+    store: str | None,
+    definitions: Mapping[str, tuple[str, tuple[str, ...]]],
+    subscription_streams: Mapping[str, str],
+    top: int,
+) -> tuple[list[StreamStatus], list[SubscriptionStatus]]:
+    """The figures, from one snapshot (the caller's transaction)."""
+    store_names = _catalog.stores(conn)
+    if store is not None and store not in store_names:
+        raise LookupError(f"there is no message store {store!r} in this database")
+    registry = {r.stream: r for r in _catalog.registrations(conn)}
+    maxpos: dict[str, dict[int, int]] = {}
+    for name in _catalog.aggregated_streams(conn):
+        found = _vanishing(conn, _catalog.max_positions, name)
+        if found is not None:
+            maxpos[name] = found
+
+    streams: list[StreamStatus] = []
+    for name, positions in maxpos.items():
+        source: str | None = None
+        wildcards: tuple[str, ...] | None = None
+        owner: str | None = None
+        if name in definitions:
+            source, (owner, wildcards) = "config", definitions[name]
+        elif name in registry:
+            source, owner, wildcards = "registry", registry[name].store, registry[name].wildcards
+        else:
+            candidates = [store] if store else store_names
+            owner = _vanishing(conn, _catalog.store_of, name, candidates)
+        if store is not None and owner != store:
+            continue
+        measured = None
+        if wildcards and owner in store_names:
+            measured = _vanishing(conn, _catalog.backlog, owner, name, wildcards)
+        streams.append(
+            StreamStatus(
+                name=name,
+                store=owner,
+                wildcards=wildcards,
+                definition=source,
+                partitions=len(positions),
+                messages=sum(m + 1 for m in positions.values()),
+                backlog=measured.messages if measured else None,
+                oldest_unprojected_written_at=measured.oldest_written_at if measured else None,
+                oldest_unprojected_age_seconds=measured.oldest_age_seconds if measured else None,
+                projector=_catalog.lock_holder(conn, name),
+            )
+        )
+
+    shown = {s.name for s in streams}
+    subscriptions: list[SubscriptionStatus] = []
+    for table in _catalog.subscription_tables(conn):
+        states = _vanishing(conn, _catalog.subscription_states, table)
+        for sub, positions in sorted((states or {}).items()):
+            stream = subscription_streams.get(sub)
+            inferred = False
+            note = None
+            if stream is not None and stream not in maxpos:
+                note = f"aggregated stream {stream!r} (from --subscription) does not exist"
+                stream = None
+            elif stream is None:
+                candidates = [
+                    n
+                    for n, m in maxpos.items()
+                    if all(p in m and pos <= m[p] for p, pos in positions.items())
+                ]
+                if len(candidates) == 1:
+                    stream, inferred = candidates[0], True
+                elif candidates:
+                    note = (
+                        f"its aggregated stream could be any of {', '.join(candidates)}; "
+                        f"pass --subscription {sub}=STREAM"
+                    )
+                else:
+                    note = "no aggregated stream has the partitions of its state"
+            if stream is None:
+                if store is not None:
+                    continue  # cannot tell whether it belongs to the store
+                subscriptions.append(SubscriptionStatus(sub, table, None, False, None, (), note))
+                continue
+            if store is not None and stream not in shown:
+                continue
+            lags = _lags(maxpos[stream], positions)
+            ordered = sorted(
+                (lag for lag in lags if lag.lag > 0), key=lambda x: (-x.lag, x.partition)
+            )
+            subscriptions.append(
+                SubscriptionStatus(
+                    name=sub,
+                    state_table=table,
+                    stream=stream,
+                    stream_inferred=inferred,
+                    total_lag=sum(lag.lag for lag in lags),
+                    partitions=tuple(ordered[:top] if top > 0 else ordered),
+                    note=note,
+                )
+            )
+    return streams, subscriptions
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, _dt.datetime):
+        return value.isoformat()
+    if isinstance(value, _catalog.LockHolder):
+        return {
+            "application_name": value.application_name,
+            "pid": value.pid,
+            "client_addr": value.client_addr,
+            "since": value.since.isoformat() if value.since else None,
+        }
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def render_json(streams: list[StreamStatus], subscriptions: list[SubscriptionStatus]) -> str:
+    """The figures as one JSON document."""
+    return json.dumps(
+        {
+            "aggregated_streams": [_json_value(s) for s in streams],
+            "subscriptions": [_json_value(s) for s in subscriptions],
+        },
+        indent=2,
+    )
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]], right: set[int]) -> list[str]:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render_text(streams: list[StreamStatus], subscriptions: list[SubscriptionStatus]) -> str:
+    """The figures as two tables for people."""
+    lines: list[str] = []
+    if streams:
+        rows: list[Sequence[str]] = []
+        for s in streams:
+            rows.append(
+                (
+                    s.name,
+                    s.store or "?",
+                    f"{s.partitions:,}",
+                    f"{s.messages:,}",
+                    f"{s.backlog:,}" if s.backlog is not None else "unknown",
+                    _age(s.oldest_unprojected_age_seconds),
+                    s.projector.describe() if s.projector else "none active",
+                )
+            )
+        header: tuple[str, ...] = ("AGGREGATED STREAM", "STORE", "PARTITIONS", "MESSAGES")
+        header += ("BACKLOG", "OLDEST UNPROJECTED", "PROJECTOR")
+        lines += _table(header, rows, right={2, 3, 4})
+        if any(s.backlog is None for s in streams):
+            lines.append(
+                "(backlog unknown: no wildcards recorded for the stream; run `depeche-rs "
+                "project` for it once, or pass --config)"
+            )
+    else:
+        lines.append("no aggregated streams")
+    lines.append("")
+    if subscriptions:
+        rows = []
+        for sub in subscriptions:
+            top = ", ".join(f"{p.partition}: {p.lag:,}" for p in sub.partitions) or "-"
+            stream = (sub.stream or "?") + (" (inferred)" if sub.stream_inferred else "")
+            total = f"{sub.total_lag:,}" if sub.total_lag is not None else "unknown"
+            rows.append((sub.name, stream, total, top if sub.note is None else sub.note))
+        header = ("SUBSCRIPTION", "AGGREGATED STREAM", "TOTAL LAG", "LAG BY PARTITION (TOP)")
+        lines += _table(header, rows, right={2})
+    else:
+        lines.append("no subscriptions")
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run `depeche-rs status`; returns the exit status."""
+    out = out if out is not None else sys.stdout
+    config: dict[str, Any] = read_toml(args.config) if args.config else {}
+    dsn = resolve_dsn(args.dsn, config)
+    assert dsn is not None
+    if args.top < 0:
+        raise ConfigError(f"--top must be 0 (all) or more, got {args.top}")
+    specs = stream_specs(args, config, projecting=False)
+    definitions = {s.stream: (s.store, s.wildcards) for s in specs}
+    subscription_streams = _parse_subscription_streams(args.subscription or [])
+    try:
+        with psycopg.connect(dsn, application_name="depeche-rs status") as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            streams, subscriptions = collect(
+                conn, args.store, definitions, subscription_streams, args.top
+            )
+            conn.rollback()
+    except psycopg.OperationalError as exc:
+        print(f"depeche-rs status: cannot connect to {shown_dsn(dsn)}: {exc}", file=sys.stderr)
+        return 1
+    except (psycopg.Error, LookupError) as exc:
+        print(f"depeche-rs status: {exc}", file=sys.stderr)
+        return 1
+    text = render_json(streams, subscriptions) if args.json else render_text(streams, subscriptions)
+    print(text, file=out)
+    return 0

@@ -1,0 +1,419 @@
+"""`depeche-rs project` as a subprocess against real PostgreSQL: catch-up then live,
+clean stops, hot standby, killed connections, metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from depeche_rs import MessageStore
+from depeche_rs.__main__ import main
+
+from ._helpers import check_invariants, projected_rows, sha_partition
+from ._models import AccountCreated, AnyEvent, Deposited
+from .test_cli_harness import Command, commands, forget_registrations, scrape
+
+Store = MessageStore[AnyEvent]
+Cli = Callable[..., Command]
+
+
+@pytest.fixture()
+def cli(dsn: str, stream_name: str) -> Iterator[Cli]:
+    yield from commands()
+    forget_registrations(dsn, stream_name)
+
+
+def _write(store: Store, streams: int, per_stream: int, prefix: str = "acc") -> None:
+    for i in range(streams):
+        store.write_many(
+            f"{prefix}-{i}", [Deposited(account=i, amount=j) for j in range(per_stream)]
+        )
+
+
+def _count(engine: sa.Engine, agg: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(f"SELECT count(*) FROM depeche_stream_{agg}").scalar_one())
+
+
+def _wait_count(engine: sa.Engine, agg: str, n: int, timeout: float = 10.0) -> float:
+    """Seconds until the aggregated stream holds `n` rows."""
+    started = time.monotonic()
+    while _count(engine, agg) != n:
+        assert time.monotonic() - started < timeout, f"{_count(engine, agg)} rows, not {n}"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def _project(dsn: str, store: str, agg: str, *extra: str) -> list[str]:
+    return [
+        "project",
+        "--dsn",
+        dsn,
+        "--store",
+        store,
+        "--stream",
+        agg,
+        "--wildcard",
+        "acc-%",
+        "--log-format",
+        "json",
+        *extra,
+    ]
+
+
+def test_catches_up_then_projects_a_new_message_within_a_second(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli
+) -> None:
+    _write(store, streams=20, per_stream=25)
+    _write(store, streams=3, per_stream=5, prefix="other")
+    # A long poll interval: the live message must come through NOTIFY, not the poll.
+    p = cli(
+        *_project(dsn, store.name, stream_name, "--partitioner", "stream-hash"),
+        "--batch-size",
+        "100",
+        "--poll-interval",
+        "60",
+    )
+    assert p.wait_for("catching_up")["backlog"] == 500
+    assert p.wait_for("caught_up")["projected"] == 500
+    rows = check_invariants(engine, store.name, stream_name, "acc-%")
+    assert len(rows) == 500
+    assert all(r[3] == sha_partition(r[1]) for r in rows)
+
+    store.write("acc-new", AccountCreated(account=99))
+    took = _wait_count(engine, stream_name, 501, timeout=5)
+    assert took < 1.0, f"the live message took {took:.2f} s"
+
+    assert p.stop(signal.SIGTERM) == 0
+    assert [e["event"] for e in p.events[-2:]] == ["stopping", "stopped"]
+    assert p.events[-1]["projected"] == 501
+    check_invariants(engine, store.name, stream_name, "acc-%")
+
+
+def test_sigterm_during_catch_up_leaves_whole_batches_and_a_restart_finishes(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli
+) -> None:
+    _write(store, streams=20, per_stream=20)
+    args = _project(
+        dsn,
+        store.name,
+        stream_name,
+        "--partitioner",
+        "tests.test_cli_app:SlowPartitioner",
+        "--batch-size",
+        "20",
+    )
+    p = cli(*args)
+    p.wait_for("catching_up")
+    _wait_until(lambda: _count(engine, stream_name) >= 60)
+    assert p.stop(signal.SIGTERM, timeout=5) == 0
+    assert p.named("stopping", signal="SIGTERM")
+    assert not p.named("stopped", abandoned=True)
+
+    rows = projected_rows(engine, stream_name)
+    assert 60 <= len(rows) < 400
+    assert len(rows) % 20 == 0, "a batch was cut"
+    with engine.connect() as conn:
+        first = conn.exec_driver_sql(
+            f"SELECT message_id FROM depeche_msgs_{store.name} ORDER BY global_position LIMIT %s",
+            (len(rows),),
+        ).scalars()
+        assert {r[0] for r in rows} == set(first)
+    for partition in {r[3] for r in rows}:
+        positions = [r[4] for r in rows if r[3] == partition]
+        assert positions == list(range(len(positions)))
+
+    again = cli(*args, "--once")
+    assert again.wait(timeout=20) == 0
+    assert again.wait_for("caught_up")["projected"] == 400 - len(rows)
+    rows = check_invariants(engine, store.name, stream_name, "acc-%")
+    assert len(rows) == 400
+    assert all(r[3] == int(r[1].split("-")[1]) % 3 for r in rows)
+
+
+def test_a_batch_still_running_after_the_stop_timeout_is_abandoned_whole(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli
+) -> None:
+    _write(store, streams=2, per_stream=3)
+    p = cli(
+        *_project(
+            dsn,
+            store.name,
+            stream_name,
+            "--partitioner",
+            "tests.test_cli_app:StuckPartitioner",
+            "--stop-timeout",
+            "0.5",
+        )
+    )
+    p.wait_for("catching_up")
+    # Inside the batch: its transaction is open while the partitioner sleeps for 30 s.
+    _wait_until(lambda: _in_transaction(dsn, stream_name))
+    started = time.monotonic()
+    assert p.stop(signal.SIGTERM, timeout=10) == 0
+    assert time.monotonic() - started < 5
+    stopped = p.wait_for("stopped")
+    assert stopped["abandoned"] is True and stopped["status"] == 0
+    assert _count(engine, stream_name) == 0
+    with engine.connect() as conn:
+        assert (
+            conn.exec_driver_sql(
+                f"SELECT count(*) FROM depeche_stream_{stream_name}_maxpos"
+            ).scalar_one()
+            == 0
+        )
+
+
+def test_standby_takes_over_when_the_active_instance_is_killed(
+    store: Store,
+    stream_name: str,
+    engine: sa.Engine,
+    dsn: str,
+    cli: Cli,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _write(store, streams=10, per_stream=30)
+    args = _project(
+        dsn,
+        store.name,
+        stream_name,
+        "--partitioner",
+        "hash-mod:4",
+        "--batch-size",
+        "20",
+        "--poll-interval",
+        "0.2",
+    )
+    active = cli(*args)
+    assert active.wait_for("active")["took_over"] is False
+    active.wait_for("caught_up")
+    standby = cli(*args)
+    held = standby.wait_for("standby")
+    active_name = f"depeche-rs project {socket.gethostname()} {active.pid}"[:63]
+    assert held["holder"] == active_name
+    assert not standby.named("active")
+    assert main(["status", "--dsn", dsn, "--store", store.name, "--json"]) == 0
+    [shown] = json.loads(capsys.readouterr().out)["aggregated_streams"]
+    assert shown["projector"]["application_name"] == active_name
+
+    def writer() -> None:
+        for i in range(60):
+            _write(store, streams=1, per_stream=5, prefix=f"acc-w{i}")
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        active.proc.kill()
+        assert active.wait() == -signal.SIGKILL
+        took_over = standby.wait_for("active", timeout=5)
+        assert took_over["took_over"] is True
+    finally:
+        thread.join()
+    _wait_count(engine, stream_name, 600)
+    rows = check_invariants(engine, store.name, stream_name, "acc-%")
+    assert len(rows) == 600
+    assert standby.stop() == 0
+
+
+def test_connections_terminated_mid_batch_are_reconnected_and_nothing_is_lost(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli, tmp_path: Any
+) -> None:
+    _write(store, streams=5, per_stream=20)
+    gate = tmp_path / "gate"
+    gate.touch()
+    p = cli(
+        *_project(dsn, store.name, stream_name, "--partitioner",
+                  "tests.test_cli_app:GatedPartitioner", "--batch-size", "30",
+                  "--poll-interval", "0.2"),
+        env={"DEPECHE_RS_TEST_GATE": str(gate)},
+    )  # fmt: skip
+    projector = f"depeche-rs projector depeche_stream_{stream_name}"
+    control = f"depeche-rs project {socket.gethostname()} {p.pid}"[:63]
+    # The first batch holds its transaction open while the partitioner waits.
+    _wait_until(lambda: _in_transaction(dsn, stream_name))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT application_name, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name IN (%s, %s) ORDER BY 1",
+            (control, projector),
+        ).fetchall()
+    assert killed == [(control, True), (projector, True)]
+    gate.unlink()
+    lost = p.wait_for("connection_lost", stream=stream_name)
+    assert lost["sqlstate"] in (None, "57P01")
+    assert p.wait_for("reconnected", connection=stream_name)["seconds"] > 0
+    assert p.wait_for("reconnected", connection="listen")["seconds"] > 0
+    _write(store, streams=2, per_stream=10, prefix="acc-after")
+    _wait_count(engine, stream_name, 120)
+    check_invariants(engine, store.name, stream_name, "acc-%")
+    assert p.stop() == 0
+
+
+def _series(scraped: dict[str, Any], name: str, **labels: str) -> float:
+    return float(scraped["samples"][(name, tuple(labels.items()))])
+
+
+def test_metrics_endpoint_serves_prometheus_text_with_moving_counters(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli
+) -> None:
+    _write(store, streams=6, per_stream=20)
+    before = time.time()
+    p = cli(
+        *_project(
+            dsn,
+            store.name,
+            stream_name,
+            "--partitioner",
+            "hash-mod:2",
+            "--batch-size",
+            "50",
+            "--metrics-port",
+            "0",
+            "--poll-interval",
+            "0.2",
+        )
+    )
+    port = int(p.wait_for("metrics")["port"])
+    p.wait_for("caught_up")
+    m = scrape(port)
+    assert m["types"] == {
+        "depeche_rs_projected_messages_total": "counter",
+        "depeche_rs_backlog_messages": "gauge",
+        "depeche_rs_batch_duration_seconds": "histogram",
+        "depeche_rs_last_batch_timestamp_seconds": "gauge",
+        "depeche_rs_lock_holder": "gauge",
+        "depeche_rs_reconnects_total": "counter",
+    }
+    s = stream_name
+    assert _series(m, "depeche_rs_projected_messages_total", stream=s) == 120
+    assert _series(m, "depeche_rs_backlog_messages", stream=s) == 0
+    assert _series(m, "depeche_rs_lock_holder", stream=s) == 1
+    assert _series(m, "depeche_rs_reconnects_total", connection="listen") == 0
+    assert before <= _series(m, "depeche_rs_last_batch_timestamp_seconds", stream=s) <= time.time()
+    count = _series(m, "depeche_rs_batch_duration_seconds_count", stream=s)
+    assert count == 3  # 50 + 50 + 20
+    buckets = [
+        (labels[1][1], value)
+        for (name, labels), value in m["samples"].items()
+        if name == "depeche_rs_batch_duration_seconds_bucket" and labels[0] == ("stream", s)
+    ]
+    assert buckets[-1] == ("+Inf", count)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert _series(m, "depeche_rs_batch_duration_seconds_sum", stream=s) > 0
+
+    _write(store, streams=1, per_stream=7, prefix="acc-more")
+    _wait_until(
+        lambda: _series(scrape(port), "depeche_rs_projected_messages_total", stream=s) == 127
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"depeche-rs project {socket.gethostname()} {p.pid}"[:63],),
+        )
+    p.wait_for("reconnected", connection="listen")
+    m = scrape(port)
+    assert _series(m, "depeche_rs_reconnects_total", connection="listen") == 1
+    assert _series(m, "depeche_rs_batch_duration_seconds_count", stream=s) == 4
+    assert p.stop() == 0
+
+
+def test_a_config_file_projects_several_streams_in_one_process(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli, tmp_path: Any
+) -> None:
+    _write(store, streams=4, per_stream=5)
+    config = tmp_path / "projectors.toml"
+    config.write_text(
+        f'dsn = "{dsn}"\n'
+        "batch_size = 7\n"
+        "[[streams]]\n"
+        f'store = "{store.name}"\n'
+        f'stream = "{stream_name}_by_hash"\n'
+        'wildcards = ["acc-%"]\n'
+        'partitioner = "hash-mod:2"\n'
+        "[[streams]]\n"
+        f'store = "{store.name}"\n'
+        f'stream = "{stream_name}_by_account"\n'
+        'wildcards = ["acc-1", "acc-3"]\n'
+        'partitioner = "tests.test_cli_app:AccountPartitioner"\n'
+        'serializer = "tests.test_cli_app:serializer"\n'
+    )
+    p = cli("project", "--config", str(config), "--log-format", "json", "--once")
+    assert p.wait() == 0
+    caught = {e["stream"]: e["projected"] for e in p.named("caught_up")}
+    assert caught == {f"{stream_name}_by_hash": 20, f"{stream_name}_by_account": 10}
+    check_invariants(engine, store.name, f"{stream_name}_by_hash", "acc-%")
+    rows = projected_rows(engine, f"{stream_name}_by_account")
+    assert sorted((r[1], r[3]) for r in rows) == sorted([("acc-1", 1)] * 5 + [("acc-3", 0)] * 5)
+
+
+def test_messages_written_without_a_time_take_it_from_their_json(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, cli: Cli
+) -> None:
+    # depeche-db's own write function records no message time.
+    with engine.begin() as conn:
+        for stream, body in [
+            ("acc-1", '{"happened_at": "2024-03-01T10:00:00+02:00"}'),
+            ("acc-2", '{"meta": {"at": 1700000000}}'),
+            ("acc-3", '{"nothing": "here"}'),
+        ]:
+            conn.exec_driver_sql(
+                f"SELECT depeche_write_message_{store.name}(gen_random_uuid(), %s, %s::json)",
+                (stream, body),
+            )
+    p = cli(
+        *_project(
+            dsn,
+            store.name,
+            stream_name,
+            "--partitioner",
+            "stream-hash",
+            "--time-field",
+            "happened_at",
+            "--time-field",
+            "meta.at",
+            "--once",
+        )
+    )
+    assert p.wait() == 0
+    with engine.connect() as conn:
+        fallback = conn.exec_driver_sql(
+            f"SELECT a.message_occurred_at = m.added_at FROM depeche_stream_{stream_name} AS a "
+            f"JOIN depeche_msgs_{store.name} AS m USING (message_id) "
+            "WHERE a.origin_stream = 'acc-3'"
+        ).scalar_one()
+        times = dict(
+            conn.exec_driver_sql(
+                f"SELECT origin_stream, message_occurred_at::text FROM depeche_stream_{stream_name}"
+            ).all()
+        )
+    assert times["acc-1"] == "2024-03-01 08:00:00"
+    assert times["acc-2"] == "2023-11-14 22:13:20"
+    assert fallback is True  # no time in the JSON: when it was written
+
+
+def _in_transaction(dsn: str, agg: str) -> bool:
+    """True while the projector of `agg` is inside a batch (its transaction open)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        states = conn.execute(
+            "SELECT state FROM pg_stat_activity WHERE application_name = %s",
+            (f"depeche-rs projector depeche_stream_{agg}",),
+        ).fetchall()
+    return states == [("idle in transaction",)]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)

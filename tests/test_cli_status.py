@@ -1,0 +1,321 @@
+"""`depeche-rs status` and `depeche-rs migrate` against real PostgreSQL: the figures
+printed are the tables' figures; the migration brings a depeche-db layout to ours.
+
+The commands run in-process (`main(argv)`): they are short-lived and install nothing a
+subprocess would isolate; `test_cli_project.py` runs the long-lived projector as one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from depeche_rs import MessageStore
+from depeche_rs.__main__ import main
+from depeche_rs._cli._migrate import migration_script
+from depeche_rs._schema import SCHEMA_VERSION
+from depeche_rs.tools import DbSubscriptionStateProvider, StreamHashPartitioner
+
+from ._helpers import check_invariants
+from ._models import AnyEvent, Deposited
+from .test_cli_harness import forget_registrations
+
+Store = MessageStore[AnyEvent]
+
+
+@pytest.fixture(autouse=True)
+def _forget(dsn: str, stream_name: str) -> Iterator[None]:
+    yield
+    forget_registrations(dsn, stream_name)
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture()
+def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """`depeche-rs ARGS`, in this process."""
+
+    def run_main(*argv: str) -> Result:
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run_main
+
+
+Run = Callable[..., Result]
+
+
+def _write(store: Store, streams: int, per_stream: int, prefix: str = "acc") -> None:
+    for i in range(streams):
+        store.write_many(
+            f"{prefix}-{i}", [Deposited(account=i, amount=j) for j in range(per_stream)]
+        )
+
+
+def _scalar(engine: sa.Engine, query: str) -> Any:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(query).scalar()
+
+
+def test_status_figures_match_the_tables(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, tmp_path: Path, run: Run
+) -> None:
+    _write(store, streams=7, per_stream=6)  # acc-0..acc-6 fall into all 4 partitions
+    projected = run(
+        "project",
+        "--dsn",
+        dsn,
+        "--store",
+        store.name,
+        "--stream",
+        stream_name,
+        "--wildcard",
+        "acc-%",
+        "--partitioner",
+        "hash-mod:4",
+        "--once",
+        "--log-format",
+        "json",
+    )
+    assert projected.returncode == 0, projected.stderr
+    # A stream the library created: `status` knows neither its wildcards nor its store.
+    library = store.aggregated_stream(f"{stream_name}_lib", StreamHashPartitioner(2), ["acc-1"])
+    assert library.projector.update_full() == (6, False)
+    _write(store, streams=1, per_stream=7, prefix="acc-late")
+    _write(store, streams=1, per_stream=5, prefix="other")
+
+    agg = f"depeche_stream_{stream_name}"
+    maxpos = dict(sa_rows(engine, f"SELECT partition, max_position FROM {agg}_maxpos ORDER BY 1"))
+    assert len(maxpos) == 4 and sum(m + 1 for m in maxpos.values()) == 42
+    p0, p1, p2, p3 = sorted(maxpos)
+    sub = f"{stream_name}_sub"
+    state = DbSubscriptionStateProvider(sub, engine)
+    state.initialize(sub)
+    state.store(sub, p0, 0)
+    state.store(sub, p1, maxpos[p1])
+    state.store(sub, p2, maxpos[p2] - 1)
+    expected_lags = {p0: maxpos[p0], p1: 0, p2: 1, p3: maxpos[p3] + 1}
+
+    result = run(
+        "status",
+        "--dsn",
+        dsn,
+        "--store",
+        store.name,
+        "--json",
+        "--top",
+        "2",
+        "--subscription",
+        f"{sub}={stream_name}",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    streams = {s["name"]: s for s in data["aggregated_streams"]}
+    assert set(streams) == {stream_name, f"{stream_name}_lib"}
+
+    oldest = _scalar(
+        engine,
+        f"SELECT min(added_at) FROM depeche_msgs_{store.name} AS m WHERE stream LIKE 'acc-%%' "
+        f"AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id)",
+    )
+    main = streams[stream_name]
+    assert main["store"] == store.name
+    assert main["wildcards"] == ["acc-%"]
+    assert main["definition"] == "registry"
+    assert main["partitions"] == _scalar(engine, f"SELECT count(DISTINCT partition) FROM {agg}")
+    assert main["messages"] == _scalar(engine, f"SELECT count(*) FROM {agg}") == 42
+    assert main["backlog"] == 7
+    assert main["oldest_unprojected_written_at"] == oldest.isoformat()
+    assert main["oldest_unprojected_age_seconds"] > 0
+    assert main["projector"] is None
+
+    lib = streams[f"{stream_name}_lib"]
+    assert (lib["store"], lib["wildcards"], lib["backlog"]) == (store.name, None, None)
+    assert (lib["partitions"], lib["messages"]) == (
+        _scalar(engine, f"SELECT count(DISTINCT partition) FROM {agg}_lib"),
+        6,
+    )
+
+    [subscription] = data["subscriptions"]
+    top = sorted(expected_lags.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
+    assert subscription == {
+        "name": sub,
+        "state_table": sub,
+        "stream": stream_name,
+        "stream_inferred": False,
+        "total_lag": sum(expected_lags.values()),
+        "partitions": [
+            {
+                "partition": p,
+                "position": {p0: 0, p1: maxpos[p1], p2: maxpos[p2] - 1}.get(p),
+                "max_position": maxpos[p],
+                "lag": lag,
+            }
+            for p, lag in top
+        ],
+        "note": None,
+    }
+
+    # The same figures for people; a config file gives the library stream's wildcards.
+    config = tmp_path / "streams.toml"
+    config.write_text(
+        f'[[streams]]\nstore = "{store.name}"\nstream = "{stream_name}_lib"\n'
+        'wildcards = ["acc-1"]\n'
+    )
+    text = run(
+        "status",
+        "--dsn",
+        dsn,
+        "--store",
+        store.name,
+        "--config",
+        str(config),
+        "--top",
+        "2",
+        "--subscription",
+        f"{sub}={stream_name}",
+    )
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line) for line in lines)}
+    assert rows[stream_name][1:5] == [store.name, "4", "42", "7"]
+    assert rows[stream_name][5].endswith(" s ago")
+    assert rows[stream_name][6] == "none active"
+    lib_partitions = str(lib["partitions"])
+    assert rows[f"{stream_name}_lib"][1:7] == [
+        store.name,
+        lib_partitions,
+        "6",
+        "0",
+        "-",
+        "none active",
+    ]
+    total = f"{sum(expected_lags.values()):,}"
+    assert rows[sub] == [sub, stream_name, total, ", ".join(f"{p}: {lag:,}" for p, lag in top)]
+
+
+def sa_rows(engine: sa.Engine, query: str) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql(query).all())
+
+
+def test_status_of_an_unknown_store_exits_1(dsn: str, store_name: str, run: Run) -> None:
+    result = run("status", "--dsn", dsn, "--store", store_name)
+    assert result.returncode == 1
+    assert f"there is no message store '{store_name}'" in result.stderr
+
+
+def test_migrate_prints_the_script_without_connecting(
+    store_name: str, stream_name: str, run: Run
+) -> None:
+    result = run("migrate", "--store", store_name, "--stream", stream_name)
+    assert result.returncode == 0, result.stderr
+    script = migration_script(store_name, [stream_name], [])
+    assert result.stdout == (
+        "-- depeche-rs migrate: brings depeche-db layouts to depeche-rs's; idempotent\n"
+        f"BEGIN;\n\n{script}\nCOMMIT;\n"
+    )
+    assert f"CREATE TABLE IF NOT EXISTS depeche_stream_{stream_name}_cursor" in script
+    assert f"ALTER TABLE depeche_msgs_{store_name} ADD COLUMN IF NOT EXISTS tx xid8" in script
+
+
+def test_migrate_apply_brings_a_depeche_db_layout_to_ours_twice_then_it_projects(
+    store_name: str, stream_name: str, suffix: str, engine: sa.Engine, dsn: str, run: Run
+) -> None:
+    msgs, agg, state = f"depeche_msgs_{store_name}", f"depeche_stream_{stream_name}", f"c_{suffix}"
+    with engine.begin() as conn:
+        # depeche-db's store, and an aggregated stream in its 0.8-0.10 layout.
+        conn.exec_driver_sql(f"CREATE SEQUENCE {msgs}_global_seq")
+        conn.exec_driver_sql(
+            f"CREATE TABLE {msgs} (message_id uuid PRIMARY KEY, "
+            f"global_position bigint NOT NULL DEFAULT nextval('{msgs}_global_seq') UNIQUE, "
+            "added_at timestamp NOT NULL DEFAULT now(), stream varchar(255) NOT NULL, "
+            "version int NOT NULL, message jsonb NOT NULL, UNIQUE (stream, version))"
+        )
+        conn.exec_driver_sql(
+            f"INSERT INTO {msgs} (message_id, stream, version, message) "
+            "SELECT gen_random_uuid(), 'acc-' || (i %% 3), i / 3 + 1, "
+            "json_build_object('account', i %% 3) FROM generate_series(0, 5) AS i"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TABLE {agg} (message_id uuid PRIMARY KEY, origin_stream varchar(255) "
+            "NOT NULL, origin_stream_version int NOT NULL, partition int NOT NULL, "
+            "position int NOT NULL, message_occurred_at timestamp NOT NULL, "
+            "UNIQUE (partition, position))"
+        )
+        conn.exec_driver_sql(
+            f"INSERT INTO {agg} SELECT message_id, stream, version, 0, "
+            "row_number() OVER (ORDER BY global_position) - 1, added_at "
+            f"FROM {msgs} WHERE global_position <= 4"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TABLE {state}_subscription_state (subscription_name varchar, "
+            "partition int, position int, PRIMARY KEY (subscription_name, partition))"
+        )
+    args = (
+        "migrate",
+        "--dsn",
+        dsn,
+        "--store",
+        store_name,
+        "--stream",
+        stream_name,
+        "--subscription",
+        state,
+        "--apply",
+    )
+    for _ in range(2):
+        result = run(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == (
+            f"migrated store {store_name}, aggregated stream {stream_name}, "
+            f"subscription state {state}\n"
+        )
+    assert _scalar(engine, f"SELECT obj_description('{msgs}'::regclass)") == SCHEMA_VERSION
+    assert _scalar(engine, f"SELECT obj_description('{agg}'::regclass)") == SCHEMA_VERSION
+    assert _scalar(engine, f"SELECT to_regclass('depeche_subscriptions_{state}')::text") == (
+        f"depeche_subscriptions_{state}"
+    )
+    assert sa_rows(engine, f"SELECT partition, max_position FROM {agg}_maxpos") == [(0, 3)]
+    assert (
+        _scalar(
+            engine,
+            f"SELECT count(*) FROM {agg} AS a JOIN {msgs} AS m USING (message_id) "
+            "WHERE a.origin_stream_global_position = m.global_position "
+            "AND a.origin_stream_added_at = m.added_at",
+        )
+        == 4
+    )
+
+    projected = run(
+        "project",
+        "--dsn",
+        dsn,
+        "--store",
+        store_name,
+        "--stream",
+        stream_name,
+        "--wildcard",
+        "acc-%",
+        "--partitioner",
+        "hash-mod:1",
+        "--once",
+        "--log-format",
+        "json",
+    )
+    assert projected.returncode == 0, projected.stderr
+    rows = check_invariants(engine, store_name, stream_name, "acc-%")
+    assert [(r[3], r[4]) for r in rows] == [(0, p) for p in range(6)]
