@@ -3,8 +3,10 @@
 A drop-in for depeche-db 0.13: `import depeche_rs as depeche_db` keeps working.
 """
 
+from ._ack import AckOp, AckRolledback, AckStrategy, NoAckOp
 from ._aggregated_stream import AggregatedStream
 from ._aggregated_stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
+from ._error_handlers import ExitSubscriptionErrorHandler, LogAndIgnoreSubscriptionErrorHandler
 from ._exceptions import (
     DatabaseConnectionError,
     DatabaseError,
@@ -52,6 +54,7 @@ from ._message_handler import (
     InvalidHandlerError,
     MessageHandler,
     MessageHandlerRegister,
+    SubscriptionMessageHandler,
 )
 from ._message_store import (
     MessageStore,
@@ -60,19 +63,9 @@ from ._message_store import (
     MessageStoreReaderProtocol,
 )
 from ._projector import FullUpdateResult, StreamProjector
+from ._start_points import StartAtNextMessage, StartAtPointInTime
 from ._storage import Storage
-from ._subscription import (
-    AckOp,
-    AckRolledback,
-    AckStrategy,
-    ExitSubscriptionErrorHandler,
-    LogAndIgnoreSubscriptionErrorHandler,
-    NoAckOp,
-    StartAtNextMessage,
-    StartAtPointInTime,
-    Subscription,
-    SubscriptionMessageHandler,
-)
+from ._subscription import Subscription
 from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 
 __version__ = "0.1.0"

@@ -21,8 +21,18 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from ._error_handlers import ExitSubscriptionErrorHandler
 from ._exceptions import DepecheError
-from ._interfaces import HandlerDescriptor, MessageProtocol, StoredMessage, SubscriptionMessage
+from ._interfaces import (
+    CallMiddleware,
+    ErrorAction,
+    HandlerDescriptor,
+    MessageHandlerRegisterProtocol,
+    MessageProtocol,
+    StoredMessage,
+    SubscriptionErrorHandler,
+    SubscriptionMessage,
+)
 
 E = TypeVar("E", bound=MessageProtocol)
 H = TypeVar("H", bound=Callable[..., Any])
@@ -278,3 +288,68 @@ class MessageHandler(Generic[E]):
     def get_all_handlers(self) -> Iterator[HandlerDescriptor[E]]:
         """Yield every registered handler."""
         yield from self._register.get_all_handlers()
+
+
+class SubscriptionMessageHandler(Generic[E]):
+    """Calls the registered handler of each message and applies the error handler.
+
+    Args:
+        handler_register: The handlers (`MessageHandlerRegister` or `MessageHandler`).
+        error_handler: Decides what a handler error does; defaults to
+            `ExitSubscriptionErrorHandler`.
+        call_middleware: Wraps each handler call; required when a handler takes more
+            than the message.
+
+    Raises:
+        InvalidHandlerError: a handler takes more parameters and no middleware is given.
+    """
+
+    def __init__(
+        self,
+        handler_register: MessageHandlerRegisterProtocol[E],
+        error_handler: SubscriptionErrorHandler[E] | None = None,
+        call_middleware: CallMiddleware[E] | None = None,
+    ) -> None:
+        if not callable(getattr(handler_register, "get_handler", None)):
+            raise TypeError(
+                f"handlers must be a MessageHandlerRegister or MessageHandler, got "
+                f"{type(handler_register).__name__}"
+            )
+        self._register = handler_register
+        self._error_handler: SubscriptionErrorHandler[E] = (
+            error_handler or ExitSubscriptionErrorHandler()
+        )
+        self._call_middleware = call_middleware
+        if call_middleware is None:
+            for descriptor in handler_register.get_all_handlers():
+                if descriptor.requires_middleware:
+                    name = getattr(descriptor.handler, "__qualname__", repr(descriptor.handler))
+                    raise InvalidHandlerError(
+                        f"handler {name} takes more than the message: pass a call_middleware "
+                        "that supplies the other arguments"
+                    )
+
+    def handle(self, message: SubscriptionMessage[E]) -> None:
+        """Handle `message`; a message without a handler is skipped.
+
+        Raises the handler's error if the error handler says `ErrorAction.EXIT`.
+        """
+        descriptor = self._register.get_handler(type(message.stored_message.message))
+        if descriptor is None:
+            return
+        try:
+            argument = descriptor.adapt_message_type(message)
+            if self._call_middleware is not None:
+                self._call_middleware.call(descriptor.handler, argument)
+            else:
+                descriptor.handler(argument)
+        except Exception as error:
+            action = self._error_handler.handle_error(error=error, message=message)
+            if action == ErrorAction.IGNORE:
+                return
+            if action == ErrorAction.EXIT:
+                raise
+            raise TypeError(
+                f"{type(self._error_handler).__name__}.handle_error returned {action!r}; "
+                "it must return ErrorAction.EXIT or ErrorAction.IGNORE"
+            ) from error

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import select
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -247,3 +248,56 @@ class PipelinedConnection:
         pending.done = True
         if pending.error is not None and not pending.want_rows and self._orphan_error is None:
             self._orphan_error = pending.error
+
+
+class ConnectionPool:
+    """Pipelined connections for the threads of one subscription: a thread takes one,
+    uses it alone, and gives it back."""
+
+    def __init__(self, dsn: str, setup: Sequence[str]) -> None:
+        self._dsn = dsn
+        self._setup = list(setup)
+        self._mutex = threading.Lock()
+        self._idle: list[PipelinedConnection] = []
+        self._open: set[PipelinedConnection] = set()
+
+    def take(self) -> PipelinedConnection:
+        """An idle connection, or a new one."""
+        with self._mutex:
+            if self._idle:
+                return self._idle.pop()
+        connection = PipelinedConnection(self._dsn, self._setup)
+        with self._mutex:
+            self._open.add(connection)
+        return connection
+
+    def give_back(self, connection: PipelinedConnection) -> None:
+        """Return a connection taken with `take` (a closed one is dropped)."""
+        with self._mutex:
+            if connection.closed:
+                self._open.discard(connection)
+            else:
+                self._idle.append(connection)
+
+    def discard(self, connection: PipelinedConnection) -> None:
+        """Close and drop a connection taken with `take`."""
+        connection.close()
+        with self._mutex:
+            self._open.discard(connection)
+
+    def wait_all(self) -> None:
+        """Wait until everything sent on idle connections is done."""
+        with self._mutex:
+            idle = list(self._idle)
+        for connection in idle:
+            if not connection.closed:
+                connection.wait_all()
+
+    def close(self) -> None:
+        """Close every connection, idle or taken."""
+        with self._mutex:
+            connections = list(self._open)
+            self._open.clear()
+            self._idle.clear()
+        for connection in connections:
+            connection.close()

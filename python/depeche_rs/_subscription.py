@@ -21,19 +21,17 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import enum
-import logging
 import time
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
+# The depeche-db names of this module, defined next to their concept.
+from ._ack import _NO_ACK, AckOp, AckRolledback, AckStrategy, NoAckOp
 from ._connection import connect
-from ._exceptions import NaiveDatetimeError
+from ._error_handlers import ExitSubscriptionErrorHandler, LogAndIgnoreSubscriptionErrorHandler
 from ._interfaces import (
     CallMiddleware,
-    ErrorAction,
     LockProvider,
     MessageHandlerRegisterProtocol,
     MessageProtocol,
@@ -43,8 +41,9 @@ from ._interfaces import (
     SubscriptionStartPoint,
     SubscriptionStateProvider,
 )
-from ._message_handler import InvalidHandlerError, MessageHandlerRegister
+from ._message_handler import MessageHandlerRegister, SubscriptionMessageHandler
 from ._names import validate_name
+from ._start_points import StartAtNextMessage, StartAtPointInTime
 from ._subscription_reader import Claim, SubscriptionReader
 from .tools._db_lock_provider import DbLockProvider
 from .tools._db_subscription_state_provider import DbSubscriptionStateProvider
@@ -53,262 +52,24 @@ if TYPE_CHECKING:
     from ._aggregated_stream import AggregatedStream
     from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 
+__all__ = [
+    "AckOp",
+    "AckRolledback",
+    "AckStrategy",
+    "ExitSubscriptionErrorHandler",
+    "LogAndIgnoreSubscriptionErrorHandler",
+    "NoAckOp",
+    "StartAtNextMessage",
+    "StartAtPointInTime",
+    "Subscription",
+    "SubscriptionMessageHandler",
+    "create_subscription",
+]
+
 E = TypeVar("E", bound=MessageProtocol)
 
 DEFAULT_BATCH_SIZE = 10
 _INIT_POLL_SECONDS = 0.05
-
-
-class ExitSubscriptionErrorHandler(SubscriptionErrorHandler[Any]):
-    """On a handler error, stop: the error propagates out of `run_once` (and stops an
-    `Executor`); the failed message is not acknowledged and is delivered again."""
-
-    def handle_error(self, error: Exception, message: SubscriptionMessage[Any]) -> ErrorAction:
-        """Return `ErrorAction.EXIT`."""
-        return ErrorAction.EXIT
-
-
-class LogAndIgnoreSubscriptionErrorHandler(SubscriptionErrorHandler[Any]):
-    """On a handler error, log it and go on: the failed message is acknowledged."""
-
-    def __init__(self, subscription_name: str) -> None:
-        self._logger = logging.getLogger(f"depeche_db.subscription.{subscription_name}")
-
-    def handle_error(self, error: Exception, message: SubscriptionMessage[Any]) -> ErrorAction:
-        """Log `error` with its traceback and return `ErrorAction.IGNORE`."""
-        self._logger.error(
-            "Error while handling message %s:%s",
-            message.stored_message.message_id,
-            type(message.stored_message.message).__name__,
-            exc_info=error,
-        )
-        return ErrorAction.IGNORE
-
-
-class AckStrategy(enum.Enum):
-    """When a subscription stores its position."""
-
-    SINGLE = "single"
-    BATCHED = "batched"
-
-
-class AckRolledback(Exception):
-    """The acknowledgement made in the caller's transaction is not (or not yet) committed."""
-
-
-class NoAckOp:
-    """The `ack` of messages handed out in batches: acknowledging is the batch's job."""
-
-    def execute(self, **kwargs: Any) -> None:
-        """Always raises: use `AckStrategy.SINGLE` to acknowledge single messages."""
-        raise RuntimeError(
-            "NoAckOp cannot be executed, choose AckStrategy.SINGLE if you want to use this "
-            "operation"
-        )
-
-
-_NO_ACK = NoAckOp()
-
-
-class AckOp:
-    """Acknowledges one message (`message.ack` under `AckStrategy.SINGLE`).
-
-    `execute()` stores the position; `execute(conn=conn)` stores it inside the caller's
-    transaction (the caller commits). The subscription then checks that the position is
-    committed before handing out the next message of the partition, and stops the
-    batch (the message comes again) if it is not.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        partition: int,
-        position: int,
-        state_provider: SubscriptionStateProvider,
-        *,
-        reader: SubscriptionReader[Any] | None = None,
-        claim: Claim[Any] | None = None,
-    ) -> None:
-        self.name = name
-        self.partition = partition
-        self.position = position
-        self._state_provider = state_provider
-        self._reader = reader
-        self._claim = claim
-        self._executed = False
-        self._rolled_back = False
-        self.in_caller_transaction = False
-
-    @property
-    def executed(self) -> bool:
-        """True once the acknowledgement was made."""
-        return self._executed
-
-    def execute(self, **subscription_state_provider_kwargs: Any) -> None:
-        """Acknowledge the message; with `conn=...`, inside the caller's transaction.
-
-        A second call checks that the acknowledgement is committed, raising
-        `AckRolledback` if it is not.
-        """
-        if self._executed:
-            self._check()
-            return
-        if subscription_state_provider_kwargs:
-            provider = self._state_provider.session(**subscription_state_provider_kwargs)
-            provider.store(self.name, self.partition, self.position)
-            self.in_caller_transaction = True
-        elif self._reader is not None and self._claim is not None:
-            self._reader.ack(self._claim, self.position)
-        else:
-            self._state_provider.store(self.name, self.partition, self.position)
-        self._executed = True
-
-    def committed(self) -> bool:
-        """Return True if the stored position is this message's."""
-        if self._reader is not None and self._claim is not None:
-            if self._reader.stored_position(self._claim) != self.position:
-                return False
-            self._claim.acked = self.position
-            return True
-        state = self._state_provider.read(self.name)
-        return state.positions.get(self.partition, -1) == self.position
-
-    def _check(self) -> None:
-        if not self.committed():
-            raise AckRolledback()
-
-    def rollback(self) -> None:
-        """Mark the acknowledgement as rolled back: the message will come again."""
-        self._rolled_back = True
-
-    @property
-    def rolled_back(self) -> bool:
-        """True after `rollback()`."""
-        return self._rolled_back
-
-
-class SubscriptionMessageHandler(Generic[E]):
-    """Calls the registered handler of each message and applies the error handler.
-
-    Args:
-        handler_register: The handlers (`MessageHandlerRegister` or `MessageHandler`).
-        error_handler: Decides what a handler error does; defaults to
-            `ExitSubscriptionErrorHandler`.
-        call_middleware: Wraps each handler call; required when a handler takes more
-            than the message.
-
-    Raises:
-        InvalidHandlerError: a handler takes more parameters and no middleware is given.
-    """
-
-    def __init__(
-        self,
-        handler_register: MessageHandlerRegisterProtocol[E],
-        error_handler: SubscriptionErrorHandler[E] | None = None,
-        call_middleware: CallMiddleware[E] | None = None,
-    ) -> None:
-        if not callable(getattr(handler_register, "get_handler", None)):
-            raise TypeError(
-                f"handlers must be a MessageHandlerRegister or MessageHandler, got "
-                f"{type(handler_register).__name__}"
-            )
-        self._register = handler_register
-        self._error_handler: SubscriptionErrorHandler[E] = (
-            error_handler or ExitSubscriptionErrorHandler()
-        )
-        self._call_middleware = call_middleware
-        if call_middleware is None:
-            for descriptor in handler_register.get_all_handlers():
-                if descriptor.requires_middleware:
-                    name = getattr(descriptor.handler, "__qualname__", repr(descriptor.handler))
-                    raise InvalidHandlerError(
-                        f"handler {name} takes more than the message: pass a call_middleware "
-                        "that supplies the other arguments"
-                    )
-
-    def handle(self, message: SubscriptionMessage[E]) -> None:
-        """Handle `message`; a message without a handler is skipped.
-
-        Raises the handler's error if the error handler says `ErrorAction.EXIT`.
-        """
-        descriptor = self._register.get_handler(type(message.stored_message.message))
-        if descriptor is None:
-            return
-        try:
-            argument = descriptor.adapt_message_type(message)
-            if self._call_middleware is not None:
-                self._call_middleware.call(descriptor.handler, argument)
-            else:
-                descriptor.handler(argument)
-        except Exception as error:
-            action = self._error_handler.handle_error(error=error, message=message)
-            if action == ErrorAction.IGNORE:
-                return
-            if action == ErrorAction.EXIT:
-                raise
-            raise TypeError(
-                f"{type(self._error_handler).__name__}.handle_error returned {action!r}; "
-                "it must return ErrorAction.EXIT or ErrorAction.IGNORE"
-            ) from error
-
-
-class StartAtNextMessage(SubscriptionStartPoint):
-    """A new subscription starts after the last message of each partition: it receives
-    only messages projected after it was first run."""
-
-    def init_state(
-        self,
-        subscription_name: str,
-        stream: AggregatedStream[Any],
-        state_provider: SubscriptionStateProvider,
-    ) -> None:
-        """Store each partition's max position as the subscription's position."""
-        for partition, position in stream.get_max_aggregated_stream_positions().items():
-            state_provider.store(
-                subscription_name=subscription_name, partition=partition, position=position
-            )
-
-
-class StartAtPointInTime(SubscriptionStartPoint):
-    """A new subscription starts at the first message whose time (the message's own
-    `get_message_time()`) is at or after `point_in_time`, in every partition.
-
-    Args:
-        point_in_time: A timezone-aware datetime.
-
-    Raises:
-        NaiveDatetimeError: `point_in_time` has no timezone.
-    """
-
-    def __init__(self, point_in_time: _dt.datetime) -> None:
-        if not isinstance(point_in_time, _dt.datetime):
-            raise TypeError(f"point_in_time must be a datetime, got {type(point_in_time).__name__}")
-        if point_in_time.tzinfo is None or point_in_time.utcoffset() is None:
-            raise NaiveDatetimeError(
-                "Point in time must be timezone aware, e.g. datetime.now(timezone.utc)"
-            )
-        self._point_in_time = point_in_time
-
-    @property
-    def point_in_time(self) -> _dt.datetime:
-        """Where the subscription starts."""
-        return self._point_in_time
-
-    def init_state(
-        self,
-        subscription_name: str,
-        stream: AggregatedStream[Any],
-        state_provider: SubscriptionStateProvider,
-    ) -> None:
-        """Store, per partition, the position just before the first message at or after
-        the point in time."""
-        for partition, position in stream.time_to_positions(self._point_in_time).items():
-            if position > 0:
-                state_provider.store(
-                    subscription_name=subscription_name,
-                    partition=partition,
-                    position=position - 1,
-                )
 
 
 @dataclasses.dataclass
@@ -403,7 +164,7 @@ class Subscription(Generic[E]):
     def _update_max_aggregated_stream_positions_cache(
         self, partition_number: int, max_position: int
     ) -> None:
-        self._reader.hint(partition_number, max_position)
+        self._reader.partitions.hint(partition_number, max_position)
 
     def _ensure_initialized(self) -> None:
         if self._initialized:
@@ -543,17 +304,9 @@ class Subscription(Generic[E]):
             raise
         finally:
             if failed:
-                _finish_after_error(reader, claim)
+                reader.release_after_error(claim)
             else:
                 reader.release(claim)
-
-
-def _finish_after_error(reader: SubscriptionReader[Any], claim: Claim[Any]) -> None:
-    """Unlock after an error; if that fails too, drop the connection (and its locks)."""
-    try:
-        reader.release(claim)
-    except Exception:
-        reader.abandon(claim)
 
 
 def create_subscription(

@@ -10,19 +10,15 @@ stream's database) everything goes through one pipelined connection per reading 
   committed before unlocking;
 - acknowledgements and the unlock are sent without waiting; the server applies them in
   order, so the state is committed before the lock is released;
-- the partition to read is picked from an in-memory queue fed by notification hints and,
-  when the queue runs dry, by one query over the per-partition max positions joined to
-  the state (one row per partition, never a scan of the stream).
+- the partition to read comes from a `PartitionQueue`, refilled when it runs dry by one
+  query over the per-partition max positions joined to the state.
 
 Other providers work through their own interfaces, with the same batch query.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import random
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -34,7 +30,8 @@ from ._interfaces import (
     StoredMessage,
     SubscriptionStateProvider,
 )
-from ._pipelined_connection import Param, Pending, PipelinedConnection
+from ._partition_queue import PartitionQueue
+from ._pipelined_connection import ConnectionPool, Param, Pending, PipelinedConnection
 from .tools._db_lock_provider import DbLockProvider
 from .tools._db_subscription_state_provider import DbSubscriptionStateProvider
 
@@ -175,75 +172,29 @@ class SubscriptionReader(Generic[E]):
             "parts_s": _PARTITIONS_WITH_STATE.format(**names),
             "parts": _PARTITIONS.format(**names),
         }
-        self._setup = ["SET application_name = 'depeche-rs subscription'"]
+        setup = ["SET application_name = 'depeche-rs subscription'"]
         if self._db_state is not None and not self._db_state.synchronous_commit:
-            self._setup.append("SET synchronous_commit = off")
-        self._mutex = threading.Lock()
-        self._idle: list[PipelinedConnection] = []
-        self._open: set[PipelinedConnection] = set()
-        # Partition choice: what we know of each partition, and the partitions to try.
-        self._max_positions: dict[int, int] = {}
-        self._positions: dict[int, int] = {}
-        self._queue: collections.deque[int] = collections.deque()
-        self._queued: set[int] = set()
+            setup.append("SET synchronous_commit = off")
+        # One connection per thread reading at the same time.
+        self._pool = ConnectionPool(self._dsn, setup)
+        self.partitions = PartitionQueue()
         self._held_sessions: dict[str, PipelinedConnection] = {}
         self._checked_at = 0.0
 
-    # -- sessions ---------------------------------------------------------------------
-
     def _take_session(self) -> PipelinedConnection:
-        with self._mutex:
-            if self._idle:
-                return self._idle.pop()
-        session = PipelinedConnection(self._dsn, self._setup)
-        with self._mutex:
-            self._open.add(session)
-        return session
+        return self._pool.take()
 
     def _give_back(self, session: PipelinedConnection) -> None:
-        with self._mutex:
-            if session.closed:
-                self._open.discard(session)
-            else:
-                self._idle.append(session)
+        self._pool.give_back(session)
 
     def _discard(self, session: PipelinedConnection) -> None:
-        session.close()
-        with self._mutex:
-            self._open.discard(session)
+        self._pool.discard(session)
 
     def close(self) -> None:
         """Close every connection (releasing the locks they hold)."""
-        with self._mutex:
-            sessions = list(self._open)
-            self._open.clear()
-            self._idle.clear()
-        for session in sessions:
-            session.close()
+        self._pool.close()
 
-    # -- partition choice -------------------------------------------------------------
-
-    def hint(self, partition: int, position: int) -> None:
-        """Note that `partition` has messages up to `position` (from a notification)."""
-        with self._mutex:
-            if position > self._max_positions.get(partition, -1):
-                self._max_positions[partition] = position
-            if partition not in self._queued and position > self._positions.get(partition, -1):
-                # New messages first: this is what keeps live latency low.
-                self._queue.appendleft(partition)
-                self._queued.add(partition)
-
-    def _pop(self) -> int | None:
-        with self._mutex:
-            while self._queue:
-                partition = self._queue.popleft()
-                self._queued.discard(partition)
-                known_max = self._max_positions.get(partition)
-                if known_max is None or known_max > self._positions.get(partition, -1):
-                    return partition
-            return None
-
-    def _refresh(self, session: PipelinedConnection, skip: list[int]) -> None:
+    def _refill(self, session: PipelinedConnection, skip: list[int]) -> None:
         if self._db_state is not None:
             rows = session.wait(session.send(b"parts_s", self._sql["parts_s"], [self._name], True))
             maxima = {p: m for p, m, _ in rows}
@@ -252,24 +203,7 @@ class SubscriptionReader(Generic[E]):
             rows = session.wait(session.send(b"parts", self._sql["parts"], [], True))
             maxima = {p: m for p, m in rows}
             positions = dict(self._state_provider.read(self._name).positions)
-        behind = [p for p, m in maxima.items() if m > positions.get(p, -1) and p not in skip]
-        # Competing consumers start at different places.
-        random.shuffle(behind)
-        with self._mutex:
-            for partition, maximum in maxima.items():
-                if maximum > self._max_positions.get(partition, -1):
-                    self._max_positions[partition] = maximum
-            self._positions = positions
-            for partition in behind:
-                if partition not in self._queued:
-                    self._queue.append(partition)
-                    self._queued.add(partition)
-
-    def _requeue(self, partition: int) -> None:
-        with self._mutex:
-            if partition not in self._queued:
-                self._queue.append(partition)
-                self._queued.add(partition)
+        self.partitions.refill(maxima, positions, skip)
 
     # -- locks ------------------------------------------------------------------------
 
@@ -335,12 +269,12 @@ class SubscriptionReader(Generic[E]):
         refreshed = False
         try:
             while True:
-                partition = self._pop()
+                partition = self.partitions.pop()
                 if partition is None:
                     if refreshed:
                         self._give_back(session)
                         return None
-                    self._refresh(session, skip=refused)
+                    self._refill(session, skip=refused)
                     refreshed = True
                     continue
                 claim = self._try_claim(session, partition, count)
@@ -354,7 +288,7 @@ class SubscriptionReader(Generic[E]):
         finally:
             # Locked by another consumer: try again on a later call, after the others.
             for partition in refused:
-                self._requeue(partition)
+                self.partitions.requeue(partition)
 
     def _try_claim(
         self, session: PipelinedConnection, partition: int, count: int
@@ -383,15 +317,14 @@ class SubscriptionReader(Generic[E]):
             if skipped_to is not None:
                 self._send_ack(session, partition, skipped_to)
                 position = skipped_to
-            with self._mutex:
-                self._positions[partition] = position
+            self.partitions.note_position(partition, position)
         except BaseException:
             self._release_lock(session, lock)
             raise
         if not entries:
             self._release_lock(session, lock)
             if len(rows) >= count:
-                self._requeue(partition)
+                self.partitions.requeue(partition)
             return None
         return Claim(partition, lock, session, entries, count, len(rows), rows[-1][1])
 
@@ -530,27 +463,28 @@ class SubscriptionReader(Generic[E]):
             self._discard(session)
             raise
         partition = claim.partition
-        with self._mutex:
-            if claim.acked is not None:
-                self._positions[partition] = claim.acked
-            more = (
-                claim.acked is None
-                or claim.acked < claim.last_fetched
-                or claim.fetched >= claim.count
-                or self._max_positions.get(partition, -1) > claim.last_fetched
-            )
-        if more:
+        if claim.acked is not None:
+            self.partitions.note_position(partition, claim.acked)
+        if (
+            claim.acked is None
+            or claim.acked < claim.last_fetched
+            or claim.fetched >= claim.count
+            or self.partitions.known_max(partition) > claim.last_fetched
+        ):
             # At the back: a partition that keeps failing does not starve the others.
-            self._requeue(partition)
+            self.partitions.requeue(partition)
         self._give_back(session)
+
+    def release_after_error(self, claim: Claim[E]) -> None:
+        """Unlock after an error; if that fails too, drop the connection (and its locks)."""
+        try:
+            self.release(claim)
+        except Exception:
+            self.abandon(claim)
 
     def sync(self) -> None:
         """Wait until everything queued on idle connections is committed."""
-        with self._mutex:
-            sessions = list(self._idle)
-        for session in sessions:
-            if not session.closed:
-                session.wait_all()
+        self._pool.wait_all()
 
     def abandon(self, claim: Claim[E]) -> None:
         """Finish a claim after a database error: drop the connection (and its locks)."""
@@ -559,6 +493,5 @@ class SubscriptionReader(Generic[E]):
             self._lock_provider.unlock(claim.lock.name)
         elif self._db_locks is not None:
             self._db_locks.release_claim(claim.lock.name)
-        with self._mutex:
-            self._positions.pop(claim.partition, None)
-        self._requeue(claim.partition)
+        self.partitions.forget_position(claim.partition)
+        self.partitions.requeue(claim.partition)

@@ -8,19 +8,15 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._ack import _NO_ACK, AckOp
 from ._interfaces import (
     MessageProtocol,
     RunOnNotificationResult,
     SubscriptionMessage,
     TimeBudget,
 )
-from ._subscription import (
-    _NO_ACK,
-    DEFAULT_BATCH_SIZE,
-    AckOp,
-    SubscriptionMessageHandler,
-    _finish_after_error,
-)
+from ._message_handler import SubscriptionMessageHandler
+from ._subscription import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from ._subscription import Subscription
@@ -140,7 +136,7 @@ class SubscriptionRunner(Generic[E]):
                     if not ack.committed():
                         break
         except BaseException:
-            _finish_after_error(reader, claim)
+            reader.release_after_error(claim)
             raise
         reader.release(claim, wait=False)
 
@@ -173,12 +169,12 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
                 if handled is not None:
                     reader.ack(claim, handled)
             finally:
-                _finish_after_error(reader, claim)
+                reader.release_after_error(claim)
             raise
         try:
             if handled is not None:
                 reader.ack(claim, handled)
         except BaseException:
-            _finish_after_error(reader, claim)
+            reader.release_after_error(claim)
             raise
         reader.release(claim, wait=False)
