@@ -312,7 +312,7 @@ def test_forked_child_projects_with_a_fresh_runtime(
     for i in range(10):
         store.write(f"acc-{i}", AccountCreated(account=i))
     assert agg.projector.update_full() == (10, False)
-    engine.dispose(close=False)
+    engine.dispose()  # the child must not share pooled connections with us
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit code
         code = 1
