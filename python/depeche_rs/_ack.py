@@ -81,7 +81,18 @@ class AckOp:
             return
         if subscription_state_provider_kwargs:
             provider = self._state_provider.session(**subscription_state_provider_kwargs)
-            provider.store(self.name, self.partition, self.position)
+            store_acknowledged = getattr(provider, "store_acknowledged", None)
+            if store_acknowledged is None:
+                provider.store(self.name, self.partition, self.position)
+            elif not store_acknowledged(self.name, self.partition, self.position):
+                # Another consumer took the partition (our lock went with a lost
+                # connection) and acknowledged this message first: the caller's
+                # transaction must roll back so its effects happen once.
+                raise AckRolledback(
+                    f"message at position {self.position} of partition {self.partition} "
+                    f"was acknowledged by another consumer of {self.name!r} meanwhile; "
+                    "roll back this transaction"
+                )
             self.in_caller_transaction = True
         elif self._reader is not None and self._claim is not None:
             self._reader.ack(self._claim, self.position)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from urllib.parse import quote as _quote
+from urllib.parse import urlencode as _urlencode
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,8 +42,31 @@ def sqlalchemy_url(dsn: str) -> str:
 
 
 def libpq_dsn(engine: sa.Engine) -> str:
-    """The engine's URL in libpq form, with its password, for the Rust engine and LISTEN."""
-    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """The engine's URL in libpq form, with its password, for the Rust engine and LISTEN.
+
+    Built by hand: SQLAlchemy writes a space in a query value as '+', which libpq and
+    tokio-postgres read literally (`options=-c statement_timeout=5s` would break).
+    """
+    url = engine.url
+    auth = ""
+    if url.username:
+        auth = _quote(url.username, safe="")
+        if url.password is not None:
+            auth += ":" + _quote(str(url.password), safe="")
+        auth += "@"
+    host = url.host or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    port = f":{url.port}" if url.port else ""
+    database = "/" + _quote(url.database, safe="") if url.database else "/"
+    query = _urlencode(
+        [(k, v) for k, values in url.query.items() for v in _as_list(values)], quote_via=_quote
+    )
+    return f"postgresql://{auth}{host}{port}{database}" + (f"?{query}" if query else "")
+
+
+def _as_list(value: str | tuple[str, ...]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def redact(dsn: str) -> str:

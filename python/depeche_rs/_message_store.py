@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib as _contextlib
 import datetime as _dt
 import json as _json
+import re as _re
 import uuid as _uuid
 import weakref as _weakref
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 E = TypeVar("E", bound=MessageProtocol)
 
 _COLUMNS = "message_id, stream, version, message, global_position, added_at"
+# A JSON escape of NUL (which jsonb cannot store): "\u0000" after an even run of backslashes.
+_NUL_ESCAPE = _re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class MessageStoreReaderProtocol(Protocol[E]):
@@ -297,12 +300,15 @@ class MessageStore(Generic[E]):
                     "it must return a dict (a JSON object)"
                 )
             try:
-                body = _json.dumps(data, allow_nan=False)
+                body = _json.dumps(data, allow_nan=False, ensure_ascii=False)
+                body.encode("utf-8")
             except (TypeError, ValueError) as exc:
+                # UnicodeEncodeError (a ValueError) means a lone surrogate: not UTF-8.
                 raise SerializationError(
-                    f"the serializer's output for message {message_id} is not JSON: {exc}"
+                    f"the serializer's output for message {message_id} is not JSON that "
+                    f"PostgreSQL can store: {exc}"
                 ) from exc
-            if "\\u0000" in body:
+            if _NUL_ESCAPE.search(body):
                 raise SerializationError(
                     f"message {message_id} contains a NUL character, which PostgreSQL's jsonb "
                     "cannot store"

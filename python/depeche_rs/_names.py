@@ -13,9 +13,9 @@ from typing import Any
 from ._exceptions import InvalidNameError, InvalidWildcardError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# PostgreSQL truncates identifiers to 63 bytes; the longest prefix/suffix we add is
-# "depeche_subscriptions_" (22) or "depeche_stream_" + "_maxpos_pkey"-style suffixes.
-MAX_NAME_LENGTH = 40
+# PostgreSQL truncates identifiers to 63 bytes; the longest name we derive is the
+# notification function "depeche_rs_stream_notify_<name>" (25 + 38).
+MAX_NAME_LENGTH = 38
 MAX_STREAM_LENGTH = 255
 
 
@@ -73,7 +73,8 @@ def validate_wildcards(wildcards: Any) -> list[str]:
             raise InvalidWildcardError("a stream wildcard must not be the empty string")
         if "\x00" in wildcard:
             raise InvalidWildcardError(f"stream wildcard {wildcard!r} contains a NUL character")
-        if wildcard.endswith("\\") and not wildcard.endswith("\\\\"):
+        trailing = len(wildcard) - len(wildcard.rstrip("\\"))
+        if trailing % 2 == 1:
             raise InvalidWildcardError(
                 f"stream wildcard {wildcard!r} ends with an escape character; "
                 "write '\\\\' for a literal backslash"

@@ -154,6 +154,11 @@ def stream_ddl(agg: str) -> str:
     maxpos = _names.maxpos_table(agg)
     cursor = _names.cursor_table(agg)
     channel = _names.stream_channel(agg)
+    # depeche-db's (SQLAlchemy's) name when it fits PostgreSQL's 63 bytes, else a short one
+    # that cannot collide with another stream's truncated name.
+    gp_index = f"ix_{t}_origin_stream_global_position"
+    if len(gp_index) > 63:
+        gp_index = f"{t}_ogp_ix"
     return f"""
 CREATE TABLE IF NOT EXISTS {t} (
     message_id uuid PRIMARY KEY,
@@ -166,8 +171,7 @@ CREATE TABLE IF NOT EXISTS {t} (
     origin_stream_added_at timestamp without time zone NOT NULL,
     CONSTRAINT {t}_uq UNIQUE (partition, position)
 );
-CREATE INDEX IF NOT EXISTS ix_{t}_origin_stream_global_position
-    ON {t} (origin_stream_global_position);
+CREATE INDEX IF NOT EXISTS {gp_index} ON {t} (origin_stream_global_position);
 CREATE TABLE IF NOT EXISTS {maxpos} (
     partition integer PRIMARY KEY,
     max_position bigint NOT NULL

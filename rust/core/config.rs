@@ -3,6 +3,10 @@
 use crate::core::error::{Error, Result};
 use crate::core::partitioner::BuiltinPartitioner;
 
+/// Longest store or stream name: the longest derived identifier,
+/// `depeche_rs_stream_notify_<name>`, must fit PostgreSQL's 63 bytes.
+pub const MAX_NAME_LENGTH: usize = 38;
+
 /// The largest batch a projector accepts; bounds memory per batch.
 pub const MAX_BATCH_SIZE: usize = 100_000;
 
@@ -85,13 +89,13 @@ pub fn validate_identifier(name: &str, what: &str) -> Result<()> {
     let mut chars = name.chars();
     let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= 40;
+        && name.len() <= MAX_NAME_LENGTH;
     if ok {
         Ok(())
     } else {
         Err(Error::Config(format!(
-            "{what} {name:?} is not a valid identifier: use at most 40 ASCII letters, digits \
-             and underscores, not starting with a digit"
+            "{what} {name:?} is not a valid identifier: use at most {MAX_NAME_LENGTH} ASCII \
+             letters, digits and underscores, not starting with a digit"
         )))
     }
 }
@@ -118,7 +122,7 @@ mod tests {
             "a;drop table x",
             "a b",
             "é",
-            &"x".repeat(41),
+            &"x".repeat(39),
         ] {
             assert!(TableNames::new(bad, "ok").is_err(), "{bad:?} accepted");
             assert!(TableNames::new("ok", bad).is_err(), "{bad:?} accepted");

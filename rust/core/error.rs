@@ -9,7 +9,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The server could not be reached, or the connection broke.
-    #[error("could not talk to PostgreSQL ({what}): {source}")]
+    #[error("could not talk to PostgreSQL ({what}): {}", describe(source))]
     Connection {
         /// What was being done.
         what: &'static str,
@@ -18,7 +18,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// PostgreSQL answered with an error.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", describe(source))]
     Database {
         /// What was being done.
         what: &'static str,
@@ -32,6 +32,25 @@ pub enum Error {
     /// A partition assignment is invalid.
     #[error("{0}")]
     Partition(String),
+}
+
+/// The driver's error with the server's own words: the driver's `Display` says only
+/// "db error" for server errors.
+fn describe(source: &tokio_postgres::Error) -> String {
+    match source.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str("; ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => match std::error::Error::source(source) {
+            Some(cause) => format!("{source}: {cause}"),
+            None => source.to_string(),
+        },
+    }
 }
 
 impl Error {

@@ -409,8 +409,11 @@ impl Projector {
             }
             Ok::<(), Error>(())
         };
-        // Polled together so the driver pipelines the three statements.
-        tokio::try_join!(insert, maxpos, cursor)?;
+        // Polled together so the driver pipelines the three statements. All are awaited:
+        // once one fails the others fail with "transaction is aborted", which must not
+        // hide the first error.
+        let (inserted, positioned, moved) = tokio::join!(insert, maxpos, cursor);
+        first_real_error([inserted, positioned, moved])?;
         self.client
             .batch_execute("COMMIT")
             .await
@@ -465,6 +468,20 @@ pub enum BuiltinStep {
     Done(BatchOutcome),
     /// The caller must assign (some) rows, then call `finish_batch` or `abort`.
     NeedsCaller(PendingBatch),
+}
+
+/// The first error that is not a consequence of an earlier one in the same transaction.
+fn first_real_error(results: [Result<()>; 3]) -> Result<()> {
+    let mut fallback = None;
+    for result in results {
+        if let Err(e) = result {
+            if e.sqlstate() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
+                return Err(e);
+            }
+            fallback.get_or_insert(e);
+        }
+    }
+    fallback.map_or(Ok(()), Err)
 }
 
 /// The `xmin` part of a `pg_snapshot` text (`xmin:xmax:xip,...`).

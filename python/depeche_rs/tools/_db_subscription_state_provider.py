@@ -171,6 +171,20 @@ class _Session:
             self._parent._store_sql, (subscription_name, partition, position)
         )
 
+    def store_acknowledged(self, subscription_name: str, partition: int, position: int) -> bool:
+        """Move the position forward to `position`, in this transaction; False (nothing
+        changed) when it is there or beyond already, i.e. another consumer acknowledged
+        the message meanwhile. The row lock makes concurrent acknowledgements wait for
+        each other, so exactly one of them succeeds."""
+        row = self._conn.exec_driver_sql(
+            f"INSERT INTO {self._parent.table} AS s (subscription_name, partition, position) "
+            "VALUES (%s, %s, %s) ON CONFLICT (subscription_name, partition) "
+            "DO UPDATE SET position = excluded.position WHERE s.position < excluded.position "
+            "RETURNING 1",
+            (subscription_name, partition, position),
+        ).first()
+        return row is not None
+
     def read(self, subscription_name: str) -> SubscriptionState:
         """Read the state, as seen by this transaction."""
         rows = self._conn.exec_driver_sql(
