@@ -292,16 +292,6 @@ def run_projector(cfg: Config) -> None:
         try:
             n, _more = stream.projector.update_full()
             projected += n
-        except depeche_rs.DatabaseError as exc:
-            if exc.sqlstate == "25P02" and cfg.get("statement_timeout"):
-                # A statement timeout mid-batch reported as the next pipelined
-                # statement's error: fixed in rust/core/projector.rs, tolerated here only
-                # until the installed native module has the fix (see test_found_bugs.py
-                # test_statement_timeout_mid_batch_is_reported_as_a_statement_timeout).
-                emit(ev="fault", kind="statement_timeout", where="update_full", sqlstate="25P02")
-            else:
-                report(exc, "update_full")
-            time.sleep(0.02)
         except Exception as exc:
             report(exc, "update_full")
             time.sleep(0.02)

@@ -146,14 +146,6 @@ def _stalled_update(
     return caught.value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="rust/core/projector.rs polls the pipelined insert, max-position and cursor "
-    "statements with tokio::try_join!, which starts each poll at a rotating future: when "
-    "the max-position write hits the statement timeout (57014), about half the time the "
-    "error raised is the cursor write's 25P02 (current transaction is aborted)",
-)
 def test_statement_timeout_mid_batch_is_reported_as_a_statement_timeout(
     store: MessageStore[AnyEvent], dsn: str, timed_stream: AggregatedStream[AnyEvent]
 ) -> None:
@@ -161,13 +153,6 @@ def test_statement_timeout_mid_batch_is_reported_as_a_statement_timeout(
     assert sqlstates == {"57014"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="rust/core/error.rs formats a server error as '<what>: <tokio_postgres::Error>', "
-    "whose Display is just 'db error': the server's message (here 'canceling statement "
-    "due to statement timeout') is in no attribute of the Python exception",
-)
 def test_database_errors_carry_the_server_message(
     store: MessageStore[AnyEvent], dsn: str, timed_stream: AggregatedStream[AnyEvent]
 ) -> None:
