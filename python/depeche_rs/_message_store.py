@@ -8,7 +8,7 @@ import json as _json
 import re as _re
 import uuid as _uuid
 import weakref as _weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as _sa
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._factories import AggregatedStreamFactory
 
 E = TypeVar("E", bound=MessageProtocol)
+T = TypeVar("T")
 
 _COLUMNS = "message_id, stream, version, message, global_position, added_at"
 # A JSON escape of NUL (which jsonb cannot store): "\u0000" after an even run of backslashes.
@@ -255,12 +256,21 @@ class MessageStore(Generic[E]):
             raise ValueError("write_many needs at least one message")
         ids, bodies, times = self._encode(messages)
         params = (ids, stream, bodies, times, expected_version)
-        if conn is None:
-            with _connect(self.engine) as own:
-                position = self._execute_write(own, stream, expected_version, params)
-                own.commit()
-                return position
-        return self._execute_write(conn, stream, expected_version, params)
+        return self._in_transaction(
+            conn, lambda c: self._execute_write(c, stream, expected_version, params)
+        )
+
+    def _in_transaction(
+        self, conn: _sa.Connection | None, work: Callable[[_sa.Connection], T]
+    ) -> T:
+        """Run `work` on the caller's connection (the caller commits), or on a connection
+        of our own, committed when `work` returns."""
+        if conn is not None:
+            return work(conn)
+        with _connect(self.engine) as own:
+            result = work(own)
+            own.commit()
+            return result
 
     def _encode(
         self, messages: Sequence[E]
@@ -358,12 +368,9 @@ class MessageStore(Generic[E]):
         `MessageIdMismatchError`; `expected_version` guards the append. With `conn`, the
         caller commits.
         """
-        if conn is None:
-            with _connect(self.engine) as own:
-                result = self._synchronize(own, stream, expected_version, messages)
-                own.commit()
-                return result
-        return self._synchronize(conn, stream, expected_version, messages)
+        return self._in_transaction(
+            conn, lambda c: self._synchronize(c, stream, expected_version, messages)
+        )
 
     def _synchronize(
         self,
