@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from urllib.parse import quote as _quote
-from urllib.parse import urlencode as _urlencode
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote as _quote
+from urllib.parse import urlencode as _urlencode
 
 import sqlalchemy as sa
 
