@@ -11,6 +11,7 @@ import sqlalchemy as _sa
 
 from . import _migrations, _names, _schema
 from ._connection import connect as _connect
+from ._connection import execute_script
 from ._exceptions import NaiveDatetimeError
 from ._interfaces import (
     AggregatedStreamMessage,
@@ -324,6 +325,4 @@ class AggregatedStream(Generic[E]):
                     f"aggregated stream {name} has the depeche-db 0.8-0.10 layout: pass "
                     "message_store_name so the origin global positions can be filled in"
                 )
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.execute(cls.get_migration_ddl(name, message_store_name))
+        execute_script(conn, cls.get_migration_ddl(name, message_store_name))

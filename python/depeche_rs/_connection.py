@@ -77,6 +77,18 @@ def redact(dsn: str) -> str:
         return "<dsn>"
 
 
+def execute_script(conn: sa.Connection, script: str) -> None:
+    """Run a multi-statement SQL script in `conn`'s transaction.
+
+    It goes to the driver without parameters, so literal '%' signs in PL/pgSQL stay as
+    they are; the SQLAlchemy transaction is begun first so the caller's commit covers it.
+    """
+    conn.exec_driver_sql("SELECT 1")
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(script)
+
+
 @contextlib.contextmanager
 def connect(engine: sa.Engine) -> Iterator[sa.Connection]:
     """`engine.connect()` that turns a failure to connect into `DatabaseConnectionError`."""

@@ -111,17 +111,23 @@ class SubscriptionFactory(Generic[E]):
             InvalidNameError: `name` is not an identifier.
             InvalidHandlerError: a handler needs a call_middleware that is not given.
         """
-        from ._subscription import create_subscription
+        from ._message_handler import MessageHandlerRegister, SubscriptionMessageHandler
+        from ._subscription import AckStrategy, Subscription
 
-        return create_subscription(
-            self._stream,
-            name,
-            handlers=handlers,
+        register: MessageHandlerRegisterProtocol[E] = (
+            handlers if handlers is not None else MessageHandlerRegister()
+        )
+        return Subscription(
+            name=name,
+            stream=self._stream,
+            message_handler=SubscriptionMessageHandler(
+                handler_register=register,
+                error_handler=error_handler,
+                call_middleware=call_middleware,
+            ),
             batch_size=batch_size,
-            call_middleware=call_middleware,
-            error_handler=error_handler,
             state_provider=state_provider,
             lock_provider=lock_provider,
             start_point=start_point,
-            ack_strategy=ack_strategy,
+            ack_strategy=ack_strategy or AckStrategy.SINGLE,
         )

@@ -12,6 +12,17 @@ from __future__ import annotations
 from . import _names, _schema
 
 
+def _rename_legacy(old: str, new: str, trigger: str | None = None) -> str:
+    """PL/pgSQL renaming the <=0.8.0 table `old` to `new` (and dropping its notify trigger
+    and function `trigger`), unless `new` exists already."""
+    drop_trigger = f"\n    DROP TRIGGER IF EXISTS {trigger} ON {new};" if trigger else ""
+    drop_function = f"\n  DROP FUNCTION IF EXISTS {trigger}() CASCADE;" if trigger else ""
+    return f"""
+  IF to_regclass('{old}') IS NOT NULL AND to_regclass('{new}') IS NULL THEN
+    ALTER TABLE "{old}" RENAME TO {new};{drop_trigger}
+  END IF;{drop_function}"""
+
+
 def stream_migration_ddl(agg: str, store: str | None) -> str:
     """The migration script of aggregated stream `agg` (over store `store`, if known)."""
     _names.validate_name(agg, "aggregated stream name")
@@ -37,12 +48,7 @@ def stream_migration_ddl(agg: str, store: str | None) -> str:
         'origin global positions can be filled in';"""
     return f"""
 DO $migrate$
-BEGIN
-  IF to_regclass('{old}') IS NOT NULL AND to_regclass('{t}') IS NULL THEN
-    ALTER TABLE "{old}" RENAME TO {t};
-    DROP TRIGGER IF EXISTS {agg}_stream_notify_message_inserted ON {t};
-  END IF;
-  DROP FUNCTION IF EXISTS {agg}_stream_notify_message_inserted() CASCADE;
+BEGIN{_rename_legacy(old, t, f"{agg}_stream_notify_message_inserted")}
   IF to_regclass('{t}') IS NOT NULL AND NOT EXISTS (
       SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass
          AND attname = 'origin_stream_global_position' AND NOT attisdropped) THEN
@@ -63,12 +69,7 @@ def store_migration_ddl(store: str) -> str:
     old = f"{store}_messages"
     return f"""
 DO $migrate$
-BEGIN
-  IF to_regclass('{old}') IS NOT NULL AND to_regclass('{t}') IS NULL THEN
-    ALTER TABLE "{old}" RENAME TO {t};
-    DROP TRIGGER IF EXISTS {store}_notify_message_inserted ON {t};
-  END IF;
-  DROP FUNCTION IF EXISTS {store}_notify_message_inserted() CASCADE;
+BEGIN{_rename_legacy(old, t, f"{store}_notify_message_inserted")}
   DROP FUNCTION IF EXISTS {store}_write_message CASCADE;
 END
 $migrate$;
@@ -83,10 +84,7 @@ def subscription_migration_ddl(name: str) -> str:
     old = f"{name}_subscription_state"
     return f"""
 DO $migrate$
-BEGIN
-  IF to_regclass('{old}') IS NOT NULL AND to_regclass('{t}') IS NULL THEN
-    ALTER TABLE "{old}" RENAME TO {t};
-  END IF;
+BEGIN{_rename_legacy(old, t)}
 END
 $migrate$;
 """

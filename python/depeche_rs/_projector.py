@@ -106,7 +106,6 @@ class StreamProjector(Generic[E]):
         self._builtin = builtin_partitioner(partitioner)
         self._lock = _threading.Lock()
         self._native: _native.Projector | None = None
-        self._keep_running = True
 
     @property
     def notification_channel(self) -> str:

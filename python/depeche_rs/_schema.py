@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from . import _names
-from ._connection import connect
+from ._connection import connect, execute_script
 
 SCHEMA_VERSION = "depeche-rs schema 1"
 
@@ -29,18 +29,6 @@ def _is_current(conn: sa.Connection, table: str) -> bool:
         sa.text("SELECT obj_description(to_regclass(:t), 'pg_class')"), {"t": table}
     ).scalar()
     return comment == SCHEMA_VERSION
-
-
-def _column_exists(conn: sa.Connection, table: str, column: str) -> bool:
-    return bool(
-        conn.execute(
-            sa.text(
-                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(:t) "
-                "AND attname = :c AND NOT attisdropped"
-            ),
-            {"t": table, "c": column},
-        ).scalar()
-    )
 
 
 def store_ddl(store: str) -> str:
@@ -206,33 +194,25 @@ COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
 """
 
 
-def _apply(conn: sa.Connection, table: str, key: str, ddl: str) -> None:
-    _lock(conn, key)
-    if _is_current(conn, table):
-        return
-    # Run through the driver without parameters: the DDL contains literal '%' signs.
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.execute(ddl)
-
-
-def ensure_store(engine: sa.Engine, store: str) -> None:
-    """Create or upgrade the store's objects, once, safely under concurrency."""
-    table = _names.message_table(store)
+def _ensure(engine: sa.Engine, table: str, lock_key: str, ddl: str) -> None:
+    """Apply `ddl` unless `table` is already at our schema version: checked first without
+    a lock (the common case costs one query), then again under the advisory lock."""
     with connect(engine) as conn:
         if _is_current(conn, table):
             return
         conn.rollback()
         with conn.begin():
-            _apply(conn, table, "store:" + store, store_ddl(store))
+            _lock(conn, lock_key)
+            if _is_current(conn, table):
+                return
+            execute_script(conn, ddl)
+
+
+def ensure_store(engine: sa.Engine, store: str) -> None:
+    """Create or upgrade the store's objects, once, safely under concurrency."""
+    _ensure(engine, _names.message_table(store), "store:" + store, store_ddl(store))
 
 
 def ensure_stream(engine: sa.Engine, agg: str) -> None:
     """Create or upgrade the aggregated stream's objects, once, safely under concurrency."""
-    table = _names.stream_table(agg)
-    with connect(engine) as conn:
-        if _is_current(conn, table) and _column_exists(conn, _names.cursor_table(agg), "snapshot"):
-            return
-        conn.rollback()
-        with conn.begin():
-            _apply(conn, table, "stream:" + agg, stream_ddl(agg))
+    _ensure(engine, _names.stream_table(agg), "stream:" + agg, stream_ddl(agg))

@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as _sa
 
 from . import _migrations, _names, _schema
-from ._connection import to_engine
+from ._connection import execute_script, to_engine
 
 
 class Storage:
@@ -42,6 +42,4 @@ class Storage:
     @classmethod
     def migrate_db_objects(cls, name: str, conn: _sa.Connection) -> None:
         """Apply `get_migration_ddl(name)` inside the caller's transaction."""
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.execute(cls.get_migration_ddl(name))
+        execute_script(conn, cls.get_migration_ddl(name))

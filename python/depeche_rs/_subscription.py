@@ -31,17 +31,14 @@ from ._ack import _NO_ACK, AckOp, AckRolledback, AckStrategy, NoAckOp
 from ._connection import connect
 from ._error_handlers import ExitSubscriptionErrorHandler, LogAndIgnoreSubscriptionErrorHandler
 from ._interfaces import (
-    CallMiddleware,
     LockProvider,
-    MessageHandlerRegisterProtocol,
     MessageProtocol,
-    SubscriptionErrorHandler,
     SubscriptionMessage,
     SubscriptionMessageBatch,
     SubscriptionStartPoint,
     SubscriptionStateProvider,
 )
-from ._message_handler import MessageHandlerRegister, SubscriptionMessageHandler
+from ._message_handler import SubscriptionMessageHandler
 from ._names import validate_name
 from ._start_points import StartAtNextMessage, StartAtPointInTime
 from ._subscription_reader import Claim, SubscriptionReader
@@ -63,7 +60,6 @@ __all__ = [
     "StartAtPointInTime",
     "Subscription",
     "SubscriptionMessageHandler",
-    "create_subscription",
 ]
 
 E = TypeVar("E", bound=MessageProtocol)
@@ -307,35 +303,3 @@ class Subscription(Generic[E]):
                 reader.release_after_error(claim)
             else:
                 reader.release(claim)
-
-
-def create_subscription(
-    stream: AggregatedStream[E],
-    name: str,
-    handlers: MessageHandlerRegisterProtocol[E] | None = None,
-    batch_size: int | None = None,
-    call_middleware: CallMiddleware[E] | None = None,
-    error_handler: SubscriptionErrorHandler[E] | None = None,
-    state_provider: SubscriptionStateProvider | None = None,
-    lock_provider: LockProvider | None = None,
-    start_point: SubscriptionStartPoint | None = None,
-    ack_strategy: AckStrategy | None = None,
-) -> Subscription[E]:
-    """What `stream.subscription(...)` does (see `SubscriptionFactory`)."""
-    register: MessageHandlerRegisterProtocol[E] = (
-        handlers if handlers is not None else MessageHandlerRegister()
-    )
-    return Subscription(
-        name=name,
-        stream=stream,
-        message_handler=SubscriptionMessageHandler(
-            handler_register=register,
-            error_handler=error_handler,
-            call_middleware=call_middleware,
-        ),
-        batch_size=batch_size,
-        state_provider=state_provider,
-        lock_provider=lock_provider,
-        start_point=start_point,
-        ack_strategy=ack_strategy or AckStrategy.SINGLE,
-    )

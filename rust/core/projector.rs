@@ -95,8 +95,6 @@ pub struct BatchOutcome {
     pub projected: usize,
     /// Whether more messages may be waiting.
     pub more: bool,
-    /// Partitions touched.
-    pub partitions: usize,
 }
 
 struct Statements {
@@ -167,12 +165,6 @@ impl Projector {
             upsert_positions,
             upsert_cursor,
         })
-    }
-
-    /// The configuration.
-    #[must_use]
-    pub fn config(&self) -> &ProjectorConfig {
-        &self.config
     }
 
     /// Whether the connection is gone and the projector must be rebuilt.
@@ -421,7 +413,6 @@ impl Projector {
         Ok(BatchOutcome {
             projected: n,
             more: batch.more(),
-            partitions: partitions.len(),
         })
     }
 

@@ -6,6 +6,7 @@ No client library: counters, gauges and one histogram are a few dictionaries, se
 
 from __future__ import annotations
 
+import abc
 import http.server
 import math
 import threading
@@ -39,7 +40,7 @@ def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-class _Metric:
+class _Metric(abc.ABC):
     kind = "untyped"
 
     def __init__(self, name: str, help_text: str, label_names: Sequence[str]) -> None:
@@ -51,8 +52,9 @@ class _Metric:
     def _header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
+    @abc.abstractmethod
     def render(self) -> list[str]:
-        raise NotImplementedError
+        """The metric's lines in the Prometheus text format."""
 
 
 class Counter(_Metric):
