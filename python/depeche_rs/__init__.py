@@ -21,7 +21,9 @@ from ._exceptions import (
     NaiveDatetimeError,
     OptimisticConcurrencyError,
     PartitionerError,
+    PoisonMessageError,
     SerializationError,
+    UnsafeSequenceError,
 )
 from ._executor import Executor
 from ._factories import AggregatedStreamFactory, SubscriptionFactory
@@ -116,6 +118,7 @@ __all__ = [
     "NoAckOp",
     "OptimisticConcurrencyError",
     "PartitionerError",
+    "PoisonMessageError",
     "RunOnNotification",
     "RunOnNotificationResult",
     "SerializationError",
@@ -136,4 +139,5 @@ __all__ = [
     "SubscriptionState",
     "SubscriptionStateProvider",
     "TimeBudget",
+    "UnsafeSequenceError",
 ]

@@ -56,6 +56,56 @@ class SerializationError(DepecheError, ValueError):
     """The serializer failed or returned something that is not a JSON object."""
 
 
+class PoisonMessageError(SerializationError):
+    """A stored message cannot be projected: it does not deserialize (or its
+    `get_message_time()` fails) and the writer recorded no message time for it.
+
+    The batch holding it is not written; every later batch stops at the same message
+    until an operator acts: fix the message body, record its time
+    (`UPDATE depeche_msgs_<store> SET occurred_at = ... WHERE message_id = ...`), or
+    delete it. The projector then goes on by itself.
+
+    Attributes:
+        store: The message store's name.
+        stream: The message's origin stream.
+        version: Its version in that stream.
+        global_position: Its global position in the store.
+        message_id: Its id.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        store: str,
+        stream: str,
+        version: int,
+        global_position: int,
+        message_id: Any,
+    ) -> None:
+        super().__init__(message)
+        self.store = store
+        self.stream = stream
+        self.version = version
+        self.global_position = global_position
+        self.message_id = message_id
+
+
+class UnsafeSequenceError(DepecheError, RuntimeError):
+    """The store's global-position sequence is configured in a way that would break
+    per-stream version order in aggregated streams (`CACHE` above 1, or an increment
+    below 1). The projector refuses to run until it is fixed.
+
+    Attributes:
+        sequence: The sequence's name.
+        fix: The SQL that fixes it (`depeche-rs migrate --apply` runs it too).
+    """
+
+    def __init__(self, message: str, sequence: str = "", fix: str = "") -> None:
+        super().__init__(message)
+        self.sequence = sequence
+        self.fix = fix
+
+
 class InvalidMessageError(DepecheError, TypeError):
     """The object given as a message does not implement `MessageProtocol`."""
 
