@@ -10,7 +10,7 @@ import uuid as _uuid
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from . import _native
-from ._exceptions import PartitionerError, SerializationError
+from ._exceptions import PartitionerError, PoisonMessageError
 from ._interfaces import (
     MessagePartitioner,
     MessageProtocol,
@@ -182,9 +182,8 @@ class StreamProjector(Generic[E]):
             try:
                 message = serializer.deserialize(_json.loads(body))
             except Exception as exc:
-                raise SerializationError(
-                    f"cannot deserialize message {message_id} of stream {stream!r} "
-                    f"(global position {global_position}): {exc!r}; nothing was projected"
+                raise self._poison(
+                    "cannot be deserialized", exc, stream, version, global_position, message_id
                 ) from exc
             partition: int | None = None
             if need_partition:
@@ -222,6 +221,39 @@ class StreamProjector(Generic[E]):
                         message_id=message_id,
                     )
             if occurred_at is None:
-                occurred_at = _utc_naive(message.get_message_time())
+                try:
+                    occurred_at = _utc_naive(message.get_message_time())
+                except Exception as exc:
+                    raise self._poison(
+                        "has no message time (its get_message_time() raised)",
+                        exc,
+                        stream,
+                        version,
+                        global_position,
+                        message_id,
+                    ) from exc
             out.append((partition, occurred_at))
         return out
+
+    def _poison(
+        self,
+        what: str,
+        exc: Exception,
+        stream: str,
+        version: int,
+        global_position: int,
+        message_id: _uuid.UUID,
+    ) -> PoisonMessageError:
+        store = self.stream.store.name
+        return PoisonMessageError(
+            f"message {message_id} of store {store!r}, stream {stream!r}, version {version}, "
+            f"global position {global_position} {what}: {exc!r}. Its batch was not projected "
+            f"and the projector stops at it until it is fixed: correct its body, record its "
+            f"time (UPDATE depeche_msgs_{store} SET occurred_at = '<timestamptz>' WHERE "
+            f"message_id = '{message_id}'), or delete it",
+            store=store,
+            stream=stream,
+            version=version,
+            global_position=global_position,
+            message_id=message_id,
+        )

@@ -13,11 +13,31 @@ import sqlalchemy as sa
 from . import _names
 from ._connection import connect, execute_script
 
-SCHEMA_VERSION = "depeche-rs schema 1"
+SCHEMA_VERSION = "depeche-rs schema 2"
 
 # The same expression depeche-db's write function uses, so both writers serialise on the
 # same per-stream lock.
 STREAM_LOCK_KEY = "left('x' || md5({stream}), 17)::bit(64)::bigint"
+
+
+# Shared by every store and stream (their names are fixed), so that no derived name
+# grows with the store's or stream's name.
+STAMP_TX_FUNCTION = """CREATE OR REPLACE FUNCTION depeche_rs_stamp_tx() RETURNS trigger AS $$
+BEGIN
+  NEW.tx := pg_current_xact_id();
+  RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;"""
+
+RESET_CURSOR_FUNCTION = """CREATE OR REPLACE FUNCTION depeche_rs_reset_cursor() RETURNS trigger AS $$
+BEGIN
+  EXECUTE format('DELETE FROM %I.%I', TG_TABLE_SCHEMA, TG_ARGV[0]);
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;"""
+
+# Every DDL script takes this one lock: the shared functions above are replaced by each.
+DDL_LOCK_KEY = "ddl"
 
 
 def _lock(conn: sa.Connection, key: str) -> None:
@@ -54,6 +74,23 @@ ALTER TABLE {t} ADD COLUMN IF NOT EXISTS tx xid8;
 ALTER TABLE {t} ALTER COLUMN tx SET DEFAULT pg_current_xact_id();
 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS occurred_at timestamptz;
 CREATE INDEX IF NOT EXISTS {t}_tx_ix ON {t} (tx);
+-- The projector trusts `tx` to be the id of the transaction that wrote the row on this
+-- cluster (docs/projector.md, assumption A1), so nothing else may set it: not an
+-- explicit value, not COPY, not a logical-replication apply worker (hence ENABLE
+-- ALWAYS: it runs with session_replication_role = replica). The NOT VALID check turns
+-- inserts that bypass the trigger (triggers disabled, as `pg_restore --disable-triggers`
+-- does) into errors; pg_dump restores it after the data, so restores still load.
+{STAMP_TX_FUNCTION}
+DROP TRIGGER IF EXISTS depeche_rs_stamp_tx ON {t};
+CREATE TRIGGER depeche_rs_stamp_tx BEFORE INSERT OR UPDATE ON {t}
+  FOR EACH ROW EXECUTE FUNCTION depeche_rs_stamp_tx();
+ALTER TABLE {t} ENABLE ALWAYS TRIGGER depeche_rs_stamp_tx;
+ALTER TABLE {t} DROP CONSTRAINT IF EXISTS depeche_rs_tx_is_local;
+ALTER TABLE {t} ADD CONSTRAINT depeche_rs_tx_is_local
+  CHECK (tx = pg_current_xact_id()) NOT VALID;
+-- Per-stream version order needs global positions drawn in commit order within a
+-- stream: no per-session caching of sequence values (assumption A3).
+ALTER SEQUENCE {seq} CACHE 1;
 
 CREATE OR REPLACE FUNCTION depeche_write_message_{store}(
   message_id uuid,
@@ -164,10 +201,22 @@ CREATE TABLE IF NOT EXISTS {maxpos} (
     partition integer PRIMARY KEY,
     max_position bigint NOT NULL
 );
+-- One cursor per wildcard (docs/projector.md). The single-row cursor of schema 1 knew
+-- nothing of wildcards: it is dropped, and the next batch rescans from the start (the
+-- primary key makes that harmless).
+DO $cursor$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{cursor}')
+              AND attname = 'id' AND NOT attisdropped) THEN
+    DROP TABLE {cursor};
+  END IF;
+END
+$cursor$;
 CREATE TABLE IF NOT EXISTS {cursor} (
-    id integer PRIMARY KEY CHECK (id = 1),
+    wildcard text PRIMARY KEY,
     global_position bigint NOT NULL,
     snapshot pg_snapshot,
+    system_identifier bigint,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 -- depeche-db layouts before 0.12.3 have no max positions yet.
@@ -190,11 +239,20 @@ DROP TRIGGER IF EXISTS depeche_rs_stream_notify_{agg} ON {t};
 CREATE TRIGGER depeche_rs_stream_notify_{agg}
   AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_stream_notify_{agg}();
+
+-- Whoever deletes projected rows (depeche-db's truncate() is a DELETE, ours too, an
+-- operator's TRUNCATE) invalidates the cursors' promise that everything below them is
+-- projected: forget them, so the next batch rescans from the start (assumption A5).
+{RESET_CURSOR_FUNCTION}
+DROP TRIGGER IF EXISTS depeche_rs_reset_cursor ON {t};
+CREATE TRIGGER depeche_rs_reset_cursor AFTER DELETE OR TRUNCATE ON {t}
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_reset_cursor('{cursor}');
+ALTER TABLE {t} ENABLE ALWAYS TRIGGER depeche_rs_reset_cursor;
 COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
 """
 
 
-def _ensure(engine: sa.Engine, table: str, lock_key: str, ddl: str) -> None:
+def _ensure(engine: sa.Engine, table: str, ddl: str) -> None:
     """Apply `ddl` unless `table` is already at our schema version: checked first without
     a lock (the common case costs one query), then again under the advisory lock."""
     with connect(engine) as conn:
@@ -202,7 +260,7 @@ def _ensure(engine: sa.Engine, table: str, lock_key: str, ddl: str) -> None:
             return
         conn.rollback()
         with conn.begin():
-            _lock(conn, lock_key)
+            _lock(conn, DDL_LOCK_KEY)
             if _is_current(conn, table):
                 return
             execute_script(conn, ddl)
@@ -210,9 +268,9 @@ def _ensure(engine: sa.Engine, table: str, lock_key: str, ddl: str) -> None:
 
 def ensure_store(engine: sa.Engine, store: str) -> None:
     """Create or upgrade the store's objects, once, safely under concurrency."""
-    _ensure(engine, _names.message_table(store), "store:" + store, store_ddl(store))
+    _ensure(engine, _names.message_table(store), store_ddl(store))
 
 
 def ensure_stream(engine: sa.Engine, agg: str) -> None:
     """Create or upgrade the aggregated stream's objects, once, safely under concurrency."""
-    _ensure(engine, _names.stream_table(agg), "stream:" + agg, stream_ddl(agg))
+    _ensure(engine, _names.stream_table(agg), stream_ddl(agg))

@@ -19,8 +19,10 @@ pub struct TableNames {
     pub stream: String,
     /// `depeche_stream_<agg>_maxpos`
     pub maxpos: String,
-    /// `depeche_stream_<agg>_cursor`
+    /// `depeche_stream_<agg>_cursor`: one row per wildcard
     pub cursor: String,
+    /// `depeche_msgs_<store>_global_seq`
+    pub sequence: String,
 }
 
 impl TableNames {
@@ -33,6 +35,7 @@ impl TableNames {
             stream: format!("depeche_stream_{stream}"),
             maxpos: format!("depeche_stream_{stream}_maxpos"),
             cursor: format!("depeche_stream_{stream}_cursor"),
+            sequence: format!("depeche_msgs_{store}_global_seq"),
         })
     }
 }
@@ -42,7 +45,7 @@ impl TableNames {
 pub struct ProjectorConfig {
     /// Derived table names.
     pub tables: TableNames,
-    /// LIKE patterns selecting origin streams.
+    /// LIKE patterns selecting origin streams, without repetitions.
     pub wildcards: Vec<String>,
     /// Messages per batch (one transaction each).
     pub batch_size: usize,
@@ -75,9 +78,15 @@ impl ProjectorConfig {
                 "batch size {batch_size} is out of range: use 1..={MAX_BATCH_SIZE}"
             )));
         }
+        let mut unique: Vec<String> = Vec::with_capacity(wildcards.len());
+        for w in wildcards {
+            if !unique.contains(&w) {
+                unique.push(w);
+            }
+        }
         Ok(Self {
             tables: TableNames::new(store, stream)?,
-            wildcards,
+            wildcards: unique,
             batch_size,
             partitioner,
         })
@@ -111,6 +120,7 @@ mod tests {
         assert_eq!(t.stream, "depeche_stream_orders");
         assert_eq!(t.maxpos, "depeche_stream_orders_maxpos");
         assert_eq!(t.cursor, "depeche_stream_orders_cursor");
+        assert_eq!(t.sequence, "depeche_msgs_shop_global_seq");
     }
 
     #[test]

@@ -32,6 +32,22 @@ pub enum Error {
     /// A partition assignment is invalid.
     #[error("{0}")]
     Partition(String),
+    /// The store's global-position sequence would break per-stream order.
+    #[error(
+        "the global-position sequence {sequence} has {setting}: sessions caching values \
+         (or counting down) hand out global positions out of commit order, which breaks \
+         per-stream version order in aggregated streams, so the projector refuses to run; \
+         fix it with `{fix}` (`depeche-rs migrate --apply` does it too), then reconnect \
+         the writers so no session keeps values cached from before"
+    )]
+    UnsafeSequence {
+        /// The sequence's name.
+        sequence: String,
+        /// What is wrong with it, e.g. "CACHE 20".
+        setting: String,
+        /// The SQL that fixes it.
+        fix: String,
+    },
 }
 
 /// The driver's error with the server's own words: the driver's `Display` says only

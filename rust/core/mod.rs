@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod connect;
+pub mod cursor;
 pub mod error;
 pub mod partitioner;
 pub mod projector;

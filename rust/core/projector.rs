@@ -10,74 +10,52 @@ use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
-use uuid::Uuid;
 
 use crate::core::config::ProjectorConfig;
 use crate::core::connect::connect;
+pub use crate::core::cursor::OriginRow;
+use crate::core::cursor::{
+    group_cursors, merge, snapshot_stale, snapshot_xip, snapshot_xmax, Cursor, CursorGroup,
+    GroupRows, StoredCursor,
+};
 use crate::core::error::{Error, Result};
 use crate::core::sql;
-
-/// One origin message selected for projection.
-#[derive(Debug, Clone)]
-pub struct OriginRow {
-    /// Message id.
-    pub message_id: Uuid,
-    /// Origin stream.
-    pub stream: String,
-    /// Version in the origin stream.
-    pub version: i64,
-    /// Global position in the store.
-    pub global_position: i64,
-    /// When the row was added (UTC, naive).
-    pub added_at: NaiveDateTime,
-    /// The message's own time, when the writer recorded it (UTC, naive).
-    pub occurred_at: Option<NaiveDateTime>,
-    /// The message JSON, when asked for or when `occurred_at` is missing.
-    pub message: Option<String>,
-}
 
 /// A batch read inside an open transaction, waiting for its partitions.
 #[derive(Debug)]
 pub struct PendingBatch {
-    /// The rows, in global-position order.
+    /// The rows, in global-position order (each origin stream in version order).
     pub rows: Vec<OriginRow>,
-    cursor_position: i64,
-    cursor_xmin: Option<String>,
+    /// The wildcards whose cursors the batch writes, and their new positions.
+    cursor_wildcards: Vec<String>,
+    cursor_positions: Vec<i64>,
+    /// Whether the cursors must be written even without rows.
+    write_cursors: bool,
     snapshot: String,
-    max_visible: Option<i64>,
-    window_end: i64,
-    limit_hit: bool,
+    system_identifier: Option<i64>,
+    more: bool,
 }
 
 impl PendingBatch {
-    /// Whether more messages may be waiting after this batch: it was cut by the batch
-    /// size, or the scanned window did not reach the newest visible message.
+    /// Whether more messages may be waiting after this batch.
     #[must_use]
     pub fn more(&self) -> bool {
-        self.limit_hit || self.max_visible.is_some_and(|m| m > self.window_end)
-    }
-
-    /// Where the cursor moves when this batch commits. Everything visible up to it is
-    /// projected then: up to the last row when the batch was cut, else up to the end of
-    /// the scanned window (or the newest visible position, if lower).
-    fn next_position(&self) -> i64 {
-        if self.limit_hit {
-            self.rows
-                .last()
-                .map_or(self.cursor_position, |r| r.global_position)
-        } else {
-            self.max_visible
-                .unwrap_or(self.cursor_position)
-                .min(self.window_end)
-                .max(self.cursor_position)
-        }
+        self.more
     }
 }
 
 /// The smallest and largest global-position window scanned per batch.
 const MIN_WINDOW: i64 = 1_024;
 const MAX_WINDOW: i64 = 1 << 24;
+
+/// What the batch's first query reads.
+struct State {
+    snapshot: String,
+    max_visible: Option<i64>,
+    system_identifier: Option<i64>,
+}
 
 /// Partition and message time of one row, as decided by the partitioner.
 #[derive(Debug, Clone, Copy)]
@@ -98,12 +76,14 @@ pub struct BatchOutcome {
 }
 
 struct Statements {
-    read_cursor: Statement,
-    candidates: Statement,
+    read_state: Statement,
+    read_cursors: Statement,
+    candidates_above: Statement,
+    candidates_late: Statement,
     read_positions: Statement,
     insert_rows: Statement,
     upsert_positions: Statement,
-    upsert_cursor: Statement,
+    upsert_cursors: Statement,
 }
 
 /// A projector bound to one connection.
@@ -148,22 +128,27 @@ impl Projector {
                     .map_err(|e| Error::from_pg("preparing the projector's statements", e))
             }
         };
-        let (read_cursor, candidates, read_positions, insert_rows, upsert_positions, upsert_cursor) =
-            tokio::try_join!(
-                prepare(sql::read_cursor(t)),
-                prepare(sql::candidates(t)),
-                prepare(sql::read_positions(t)),
-                prepare(sql::insert_rows(t)),
-                prepare(sql::upsert_positions(t)),
-                prepare(sql::upsert_cursor(t)),
-            )?;
+        let (read_state, read_cursors, candidates_above, candidates_late) = tokio::try_join!(
+            prepare(sql::read_state(t)),
+            prepare(sql::read_cursors(t)),
+            prepare(sql::candidates_above(t)),
+            prepare(sql::candidates_late(t)),
+        )?;
+        let (read_positions, insert_rows, upsert_positions, upsert_cursors) = tokio::try_join!(
+            prepare(sql::read_positions(t)),
+            prepare(sql::insert_rows(t)),
+            prepare(sql::upsert_positions(t)),
+            prepare(sql::upsert_cursors(t)),
+        )?;
         Ok(Statements {
-            read_cursor,
-            candidates,
+            read_state,
+            read_cursors,
+            candidates_above,
+            candidates_late,
             read_positions,
             insert_rows,
             upsert_positions,
-            upsert_cursor,
+            upsert_cursors,
         })
     }
 
@@ -212,62 +197,123 @@ impl Projector {
                 "projector statements are not prepared".into(),
             ));
         };
-        let row = self
-            .client
-            .query_one(&st.read_cursor, &[])
-            .await
-            .map_err(|e| Error::from_pg("reading the projector cursor", e))?;
-        let cursor_position: Option<i64> = row.get(0);
-        let cursor_snapshot: Option<String> = row.get(1);
-        let snapshot: String = row.get(2);
-        let max_visible: Option<i64> = row.get(3);
-        let cursor_position = cursor_position.unwrap_or(0);
-
-        let limit = self.config.batch_size as i64;
-        let need_bodies = self.config.partitioner.is_none();
-        let window_end = cursor_position.saturating_add(self.window);
-        let rows = self
-            .client
-            .query(
-                &st.candidates,
-                &[
-                    &cursor_position,
-                    &cursor_snapshot,
-                    &self.config.wildcards,
-                    &limit,
-                    &need_bodies,
-                    &window_end,
-                ],
-            )
-            .await
-            .map_err(|e| Error::from_pg("selecting new messages", e))?;
-        let rows: Vec<OriginRow> = rows
+        let t = &self.config.tables;
+        let wildcards = &self.config.wildcards;
+        let state_params: [&(dyn ToSql + Sync); 1] = [&t.sequence];
+        let cursor_params: [&(dyn ToSql + Sync); 1] = [wildcards];
+        let (state, stored) = tokio::join!(
+            self.client.query_one(&st.read_state, &state_params),
+            self.client.query(&st.read_cursors, &cursor_params),
+        );
+        let state = state.map_err(|e| Error::from_pg("reading the database's state", e))?;
+        let stored = stored.map_err(|e| Error::from_pg("reading the projector cursors", e))?;
+        check_sequence(&t.sequence, state.get(3), state.get(4))?;
+        let state = State {
+            snapshot: state.get(0),
+            max_visible: state.get(1),
+            system_identifier: state.get(2),
+        };
+        let stored: Vec<StoredCursor> = stored
             .iter()
-            .map(|r| OriginRow {
-                message_id: r.get(0),
-                stream: r.get(1),
-                version: r.get(2),
-                global_position: r.get(3),
-                added_at: r.get(4),
-                occurred_at: r.get(5),
-                message: r.get(6),
+            .map(|r| StoredCursor {
+                wildcard: r.get(0),
+                cursor: Cursor {
+                    position: r.get(1),
+                    snapshot: r.get(2),
+                },
+                system_identifier: r.get(3),
             })
             .collect();
-        let limit_hit = rows.len() >= self.config.batch_size;
+        let groups = group_cursors(wildcards, &stored, state.system_identifier);
+
+        let mut fetched = Vec::with_capacity(groups.len());
+        for group in &groups {
+            fetched.push(self.fetch_group(st, group, &state.snapshot).await?);
+        }
+        let limit = self.config.batch_size;
+        let merged = merge(&groups, fetched, self.window, limit, state.max_visible);
+
+        let mut cursor_wildcards = Vec::with_capacity(wildcards.len());
+        let mut cursor_positions = Vec::with_capacity(wildcards.len());
+        let mut write_cursors = !merged.rows.is_empty();
+        for (group, position) in groups.iter().zip(&merged.positions) {
+            write_cursors |= group.rewrite
+                || *position != group.cursor.position
+                || snapshot_stale(group.cursor.snapshot.as_deref(), &state.snapshot);
+            for w in &group.wildcards {
+                cursor_wildcards.push(w.clone());
+                cursor_positions.push(*position);
+            }
+        }
         // Sparse matches (other streams in between) widen the window; dense ones keep it.
-        self.window = if rows.len() < self.config.batch_size / 2 {
+        self.window = if merged.rows.len() < limit / 2 {
             self.window.saturating_mul(2).min(MAX_WINDOW)
         } else {
-            (self.config.batch_size as i64).clamp(MIN_WINDOW, MAX_WINDOW)
+            (limit as i64).clamp(MIN_WINDOW, MAX_WINDOW)
         };
         Ok(PendingBatch {
-            rows,
-            cursor_position,
-            cursor_xmin: cursor_snapshot.as_deref().map(snapshot_xmin),
-            snapshot,
-            max_visible,
-            window_end,
-            limit_hit,
+            rows: merged.rows,
+            cursor_wildcards,
+            cursor_positions,
+            write_cursors,
+            snapshot: state.snapshot,
+            system_identifier: state.system_identifier,
+            more: merged.more,
+        })
+    }
+
+    /// Run one group's two candidate queries (pipelined).
+    async fn fetch_group(
+        &self,
+        st: &Statements,
+        group: &CursorGroup,
+        now: &str,
+    ) -> Result<GroupRows> {
+        let limit = self.config.batch_size as i64;
+        let need_bodies = self.config.partitioner.is_none();
+        let position = group.cursor.position;
+        let window_end = position.saturating_add(self.window);
+        let above_params: [&(dyn ToSql + Sync); 5] = [
+            &position,
+            &window_end,
+            &group.wildcards,
+            &limit,
+            &need_bodies,
+        ];
+        let above = self.client.query(&st.candidates_above, &above_params);
+        let late = async {
+            let Some(snapshot) = &group.cursor.snapshot else {
+                return Ok(Vec::new());
+            };
+            let (Some(then_xmax), Some(now_xmax)) = (snapshot_xmax(snapshot), snapshot_xmax(now))
+            else {
+                return Err(Error::Config(format!(
+                    "unreadable projector snapshot {snapshot:?} (now {now:?})"
+                )));
+            };
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &position,
+                &snapshot_xip(snapshot),
+                &group.wildcards,
+                &limit,
+                &need_bodies,
+                &then_xmax.to_string(),
+                &now_xmax.to_string(),
+            ];
+            self.client
+                .query(&st.candidates_late, &params)
+                .await
+                .map_err(|e| Error::from_pg("selecting late messages", e))
+        };
+        let (above, late) = tokio::join!(above, late);
+        let above = origin_rows(above.map_err(|e| Error::from_pg("selecting new messages", e))?);
+        let late = origin_rows(late?);
+        let size = self.config.batch_size;
+        Ok(GroupRows {
+            above_full: above.len() >= size,
+            above,
+            late_full: late.len() >= size,
+            late,
         })
     }
 
@@ -363,11 +409,6 @@ impl Projector {
         let max_parts: Vec<i64> = partitions.clone();
         let max_positions: Vec<i64> = partitions.iter().map(|p| next[p] - 1).collect();
 
-        let new_position = batch.next_position();
-        let cursor_unchanged = n == 0
-            && new_position == batch.cursor_position
-            && batch.cursor_xmin.as_deref() == Some(snapshot_xmin(&batch.snapshot).as_str());
-
         let insert = async {
             if n > 0 {
                 self.client
@@ -393,11 +434,19 @@ impl Projector {
             Ok::<(), Error>(())
         };
         let cursor = async {
-            if !cursor_unchanged {
+            if batch.write_cursors {
                 self.client
-                    .execute(&st.upsert_cursor, &[&new_position, &batch.snapshot])
+                    .execute(
+                        &st.upsert_cursors,
+                        &[
+                            &batch.cursor_wildcards,
+                            &batch.cursor_positions,
+                            &batch.snapshot,
+                            &batch.system_identifier,
+                        ],
+                    )
                     .await
-                    .map_err(|e| Error::from_pg("advancing the projector cursor", e))?;
+                    .map_err(|e| Error::from_pg("advancing the projector cursors", e))?;
             }
             Ok::<(), Error>(())
         };
@@ -412,7 +461,7 @@ impl Projector {
             .map_err(|e| Error::from_pg("committing the batch", e))?;
         Ok(BatchOutcome {
             projected: n,
-            more: batch.more(),
+            more: batch.more,
         })
     }
 
@@ -475,18 +524,52 @@ fn first_real_error(results: [Result<()>; 3]) -> Result<()> {
     fallback.map_or(Ok(()), Err)
 }
 
-/// The `xmin` part of a `pg_snapshot` text (`xmin:xmax:xip,...`).
-fn snapshot_xmin(snapshot: &str) -> String {
-    snapshot.split(':').next().unwrap_or_default().to_owned()
+/// Refuse a sequence whose values can come out of commit order within a stream: with
+/// `CACHE n > 1` each session draws from its own block, so a stream's next version can
+/// get a lower global position than its previous one.
+fn check_sequence(name: &str, cache: Option<i64>, increment: Option<i64>) -> Result<()> {
+    let unsafe_setting = match (cache, increment) {
+        (Some(c), _) if c > 1 => Some((format!("CACHE {c}"), format!("ALTER SEQUENCE {name} CACHE 1"))),
+        (_, Some(i)) if i < 1 => Some((
+            format!("INCREMENT {i}"),
+            format!("ALTER SEQUENCE {name} INCREMENT 1"),
+        )),
+        _ => None,
+    };
+    match unsafe_setting {
+        Some((setting, fix)) => Err(Error::UnsafeSequence {
+            sequence: name.to_owned(),
+            setting,
+            fix,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn origin_rows(rows: Vec<tokio_postgres::Row>) -> Vec<OriginRow> {
+    rows.iter()
+        .map(|r| OriginRow {
+            message_id: r.get(0),
+            stream: r.get(1),
+            version: r.get(2),
+            global_position: r.get(3),
+            added_at: r.get(4),
+            occurred_at: r.get(5),
+            message: r.get(6),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::snapshot_xmin;
+    use super::check_sequence;
 
     #[test]
-    fn xmin_is_the_first_field() {
-        assert_eq!(snapshot_xmin("745:750:745,748"), "745");
-        assert_eq!(snapshot_xmin("10:10:"), "10");
+    fn caching_and_descending_sequences_are_refused() {
+        assert!(check_sequence("s", Some(1), Some(1)).is_ok());
+        assert!(check_sequence("s", None, None).is_ok());
+        let err = check_sequence("s", Some(20), Some(1)).unwrap_err().to_string();
+        assert!(err.contains("CACHE 20") && err.contains("ALTER SEQUENCE s CACHE 1"));
+        assert!(check_sequence("s", Some(1), Some(-1)).is_err());
     }
 }

@@ -12,53 +12,92 @@ pub fn begin(t: &TableNames) -> String {
     )
 }
 
-/// The stored cursor, the transaction's snapshot, and the highest visible global position.
-pub fn read_cursor(t: &TableNames) -> String {
+/// What the batch needs to know about the database, read in its snapshot: the
+/// snapshot itself, the highest visible global position, the cluster's identity (whose
+/// transaction ids the snapshot holds), and the settings of the store's sequence.
+///
+/// Parameter: `$1` the sequence's name. `pg_control_system()` is public in stock
+/// PostgreSQL; where an administrator revoked it the identity reads as NULL.
+pub fn read_state(t: &TableNames) -> String {
     format!(
-        "SELECT c.global_position, c.snapshot::text, pg_current_snapshot()::text, \
-                (SELECT max(global_position)::int8 FROM {msgs}) \
-         FROM (SELECT 1) AS one LEFT JOIN {cursor} AS c ON c.id = 1",
+        "SELECT pg_current_snapshot()::text, \
+                (SELECT max(global_position)::int8 FROM {msgs}), \
+                CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') \
+                     THEN (SELECT system_identifier FROM pg_control_system()) END, \
+                s.seqcache, s.seqincrement \
+         FROM (SELECT 1) AS one LEFT JOIN pg_sequence AS s ON s.seqrelid = to_regclass($1::text)",
         msgs = t.messages,
-        cursor = t.cursor,
     )
 }
 
-/// The next unprojected messages, in global-position order.
-///
-/// Parameters: `$1` cursor position, `$2` cursor snapshot (text or NULL), `$3` wildcards,
-/// `$4` limit, `$5` whether message bodies are needed for every row, `$6` the upper end
-/// of the global-position window scanned above the cursor. The window keeps every scan
-/// an index range scan of bounded size, whatever the table statistics say.
-///
-/// Every matching row that is not yet in the aggregated stream lies above the cursor
-/// position, or was written by a transaction still running when the cursor's snapshot
-/// was taken (see docs/projector.md). The second branch finds the latter through the
-/// `tx` index; `NOT EXISTS` on the primary key makes re-reads harmless. Its `OFFSET 0`
-/// keeps it a per-row primary-key probe: as an anti-join the planner may hash the whole
-/// aggregated table on every batch.
-pub fn candidates(t: &TableNames) -> String {
-    let columns = "m.message_id, m.stream::text, m.version::int8, m.global_position::int8, \
-                   m.added_at, (m.occurred_at AT TIME ZONE 'UTC'), \
-                   CASE WHEN $5::bool OR m.occurred_at IS NULL THEN m.message::text END";
+/// The stored cursors of the given wildcards (`$1`).
+pub fn read_cursors(t: &TableNames) -> String {
     format!(
-        "SELECT * FROM ( \
-           (SELECT {columns} FROM {msgs} AS m \
-             WHERE m.global_position > $1::int8 AND m.global_position <= $6::int8 \
-               AND m.stream LIKE ANY($3::text[]) \
-               AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id OFFSET 0) \
-             ORDER BY m.global_position LIMIT $4::int8) \
-           UNION ALL \
-           (SELECT {columns} FROM {msgs} AS m \
-             WHERE $2::text IS NOT NULL \
-               AND m.tx >= pg_snapshot_xmin($2::text::pg_snapshot) \
-               AND NOT pg_visible_in_snapshot(m.tx, $2::text::pg_snapshot) \
-               AND m.global_position <= $1::int8 \
-               AND m.stream LIKE ANY($3::text[]) \
-               AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id OFFSET 0) \
-             ORDER BY m.global_position LIMIT $4::int8) \
-         ) AS c ORDER BY 4 LIMIT $4::int8",
+        "SELECT wildcard, global_position, snapshot::text, system_identifier \
+         FROM {} WHERE wildcard = ANY($1::text[])",
+        t.cursor
+    )
+}
+
+const CANDIDATE_COLUMNS: &str = "m.message_id, m.stream::text, m.version::int8, \
+    m.global_position::int8, m.added_at, (m.occurred_at AT TIME ZONE 'UTC'), \
+    CASE WHEN $5::bool OR m.occurred_at IS NULL THEN m.message::text END";
+
+/// `NOT EXISTS` on the primary key makes re-reads harmless. Its `OFFSET 0` keeps it a
+/// per-row primary-key probe: as an anti-join the planner may hash the whole aggregated
+/// table on every batch.
+fn not_projected(t: &TableNames) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM {} AS a WHERE a.message_id = m.message_id OFFSET 0)",
+        t.stream
+    )
+}
+
+/// Unprojected messages above a cursor, in global-position order.
+///
+/// Parameters: `$1` the cursor position, `$2` the upper end of the window scanned above
+/// it, `$3` wildcards, `$4` limit, `$5` whether message bodies are needed for every row.
+/// The window keeps every scan an index range scan of bounded size, whatever the table
+/// statistics say.
+pub fn candidates_above(t: &TableNames) -> String {
+    format!(
+        "SELECT {CANDIDATE_COLUMNS} FROM {msgs} AS m \
+          WHERE m.global_position > $1::int8 AND m.global_position <= $2::int8 \
+            AND m.stream LIKE ANY($3::text[]) AND {absent} \
+          ORDER BY m.global_position LIMIT $4::int8",
         msgs = t.messages,
-        agg = t.stream,
+        absent = not_projected(t),
+    )
+}
+
+/// Unprojected messages at or below a cursor that were not visible in its snapshot
+/// (docs/projector.md: the only ones that can be missing there).
+///
+/// Parameters: `$1` the cursor position, `$2` the snapshot's in-progress ids (`xip`, as
+/// text), `$3` wildcards, `$4` limit, `$5` as above, `$6` the snapshot's `xmax`, `$7` the
+/// current snapshot's `xmax`. A row not visible in the snapshot was written by a
+/// transaction in progress then (`xip`) or one that started after it (`tx >= xmax`). The
+/// second range ends at the current `xmax`: no row of this cluster visible now has a
+/// higher id, so what lies above can only carry ids of another cluster (a restored dump),
+/// which must not be re-read on every batch. Both are probes of the `tx` index whose size
+/// does not depend on transactions held open elsewhere (those only hold `xmin` back);
+/// `MATERIALIZED` keeps the planner from trading them for a walk along the global
+/// position index in search of the `LIMIT`.
+pub fn candidates_late(t: &TableNames) -> String {
+    let branch = |condition: &str| {
+        format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM {msgs} AS m \
+              WHERE {condition} AND m.global_position <= $1::int8 \
+                AND m.stream LIKE ANY($3::text[])",
+            msgs = t.messages,
+        )
+    };
+    format!(
+        "WITH late AS MATERIALIZED ({in_progress} UNION ALL {started_after}) \
+         SELECT * FROM late AS m WHERE {absent} ORDER BY 4 LIMIT $4::int8",
+        in_progress = branch("m.tx = ANY($2::text[]::xid8[])"),
+        started_after = branch("m.tx >= $6::text::xid8 AND m.tx < $7::text::xid8"),
+        absent = not_projected(t),
     )
 }
 
@@ -90,13 +129,16 @@ pub fn upsert_positions(t: &TableNames) -> String {
     )
 }
 
-/// Upsert of the projector cursor.
-pub fn upsert_cursor(t: &TableNames) -> String {
+/// Upsert of the cursors of the given wildcards: `$1` wildcards, `$2` positions,
+/// `$3` the batch's snapshot, `$4` the cluster's identity.
+pub fn upsert_cursors(t: &TableNames) -> String {
     format!(
-        "INSERT INTO {} (id, global_position, snapshot, updated_at) \
-         VALUES (1, $1::int8, $2::text::pg_snapshot, now()) \
-         ON CONFLICT (id) DO UPDATE SET global_position = EXCLUDED.global_position, \
-             snapshot = EXCLUDED.snapshot, updated_at = EXCLUDED.updated_at",
+        "INSERT INTO {} (wildcard, global_position, snapshot, system_identifier, updated_at) \
+         SELECT w, p, $3::text::pg_snapshot, $4::int8, now() \
+           FROM unnest($1::text[], $2::int8[]) AS u(w, p) \
+         ON CONFLICT (wildcard) DO UPDATE SET global_position = EXCLUDED.global_position, \
+             snapshot = EXCLUDED.snapshot, system_identifier = EXCLUDED.system_identifier, \
+             updated_at = EXCLUDED.updated_at",
         t.cursor
     )
 }

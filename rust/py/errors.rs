@@ -12,11 +12,20 @@ use crate::core::Error;
 static EXCEPTIONS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
 fn exception(py: Python<'_>, name: &str, message: String) -> PyResult<PyErr> {
+    exception_with(py, name, (message,))
+}
+
+/// Build `depeche_rs._exceptions.<name>(*args)`.
+fn exception_with<'py>(
+    py: Python<'py>,
+    name: &str,
+    args: impl pyo3::call::PyCallArgs<'py>,
+) -> PyResult<PyErr> {
     let module = EXCEPTIONS.get_or_try_init(py, || {
         PyModule::import(py, "depeche_rs._exceptions").map(Bound::unbind)
     })?;
     let class = module.bind(py).getattr(name)?;
-    let value = class.call1((message,))?;
+    let value = class.call1(args)?;
     Ok(PyErr::from_value(value))
 }
 
@@ -52,6 +61,9 @@ impl From<Error> for PyErr {
                 }
                 Error::Database { .. } => exception(py, "DatabaseError", message),
                 Error::Partition(_) => exception(py, "PartitionerError", message),
+                Error::UnsafeSequence { sequence, fix, .. } => {
+                    exception_with(py, "UnsafeSequenceError", (message, sequence, fix))
+                }
                 Error::Config(_) => Ok(PyValueError::new_err(message)),
             };
             match built {
