@@ -38,6 +38,9 @@ class Settings:
     latency_ack: str
     memory_sizes: list[int]
     memory_time_limit_s: float
+    held_xid_messages: int
+    held_xid_streams: int
+    held_xid_time_limit_s: float
     workloads: list[str]
 
     @classmethod
@@ -61,6 +64,9 @@ class Settings:
             latency_ack="BATCHED",
             memory_sizes=[100_000, 1_000_000],
             memory_time_limit_s=600.0,
+            held_xid_messages=1_000_000,
+            held_xid_streams=100_000,
+            held_xid_time_limit_s=1800.0,
             workloads=[],
         )
 
@@ -85,6 +91,9 @@ class Settings:
             latency_ack="BATCHED",
             memory_sizes=[5_000, 10_000],
             memory_time_limit_s=60.0,
+            held_xid_messages=5_000,
+            held_xid_streams=500,
+            held_xid_time_limit_s=60.0,
             workloads=[],
         )
 

@@ -187,6 +187,31 @@ def drop_objects(conn: psycopg.Connection[Any], marker: str) -> int:
     return dropped
 
 
+# Scratch databases of the held-xid workload: `dxb_idle_<pid>_<random>`.
+IDLE_DATABASE_MARK = f"{NAME_MARK}idle_"
+
+
+def connect_to_database(dsn: str, dbname: str, **settings: Any) -> psycopg.Connection[Any]:
+    """A connection to another database of the same cluster (settings as psycopg takes)."""
+    return psycopg.connect(plain_dsn(dsn), dbname=check_name(dbname), **settings)
+
+
+def idle_databases(conn: psycopg.Connection[Any]) -> list[str]:
+    pattern = IDLE_DATABASE_MARK.replace("_", r"\_") + "%"
+    rows = conn.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY datname", (pattern,)
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def drop_database(conn: psycopg.Connection[Any], dbname: str, force: bool) -> None:
+    """Drop a scratch database; `force` ends its sessions first (PostgreSQL 13+)."""
+    if not check_name(dbname).startswith(IDLE_DATABASE_MARK):
+        raise ValueError(f"refusing to drop database {dbname!r}: not a harness scratch database")
+    option = " WITH (FORCE)" if force and conn.info.server_version >= 130000 else ""
+    conn.execute(f"DROP DATABASE IF EXISTS {dbname}{option}".encode())
+
+
 def server_info(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """PostgreSQL version and the settings that move write and projection figures."""
     info: dict[str, Any] = {

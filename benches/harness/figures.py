@@ -62,7 +62,8 @@ class Figure:
     `values[lib]` holds one value per repetition; `errors[lib]` why a library has none;
     `details[lib]` the raw per-repetition records (counts, timings) kept for the JSON.
     A figure with `shared=True` is library-independent (the SQL ceiling) and lives under the
-    pseudo-library "postgresql".
+    pseudo-library "postgresql". A figure with `only` set measures those libraries alone
+    (a workload too slow to run with depeche-db); the others are shown as not run.
     """
 
     key: str
@@ -76,6 +77,11 @@ class Figure:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     details: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    only: list[str] = dataclasses.field(default_factory=list)
+
+    def measures(self, lib: str) -> bool:
+        """Whether this figure is meant to have a value for `lib`."""
+        return not self.only or lib in self.only
 
     def add(self, lib: str, value: float, detail: dict[str, Any] | None = None) -> None:
         self.values.setdefault(lib, []).append(value)
@@ -106,6 +112,7 @@ class Figure:
             "throughput": self.throughput,
             "shared": self.shared,
             "params": self.params,
+            "only": self.only,
             "libs": {},
         }
         for lib in libs:
@@ -132,6 +139,7 @@ class Figure:
             throughput=bool(data.get("throughput")),
             shared=bool(data.get("shared")),
             params=dict(data.get("params") or {}),
+            only=list(data.get("only") or []),
         )
         for lib, entry in data.get("libs", {}).items():
             values = [math.nan if v is None else float(v) for v in entry.get("values") or []]

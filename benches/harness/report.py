@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from .libraries import LABELS
 BASE = "depeche_db"
 CANDIDATE = "depeche_rs"
 SQL = "postgresql"
+# The held-xid slowdown the engine aims to stay within.
+GOAL_RATIO = 1.2
 _ARROW = {"higher": "↑", "lower": "↓"}
 
 
@@ -87,6 +90,10 @@ def format_value(value: float, unit: str) -> str:
         return f"{value:,.0f}"
     if unit == "%":
         return f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
+    if unit == "s":
+        return f"{value:.2f}" if value < 10 else f"{value:,.1f}"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:.3g}"
 
 
@@ -105,8 +112,13 @@ def format_ratio(ratio: float | None) -> str:
     return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
 
 
+NOT_RUN = "not run"
+
+
 def format_cell(figure: Figure, lib: str) -> str:
     """A library's cell; marks figures that are bounds rather than measurements."""
+    if not figure.measures(lib):
+        return NOT_RUN
     text = format_summary(figure.summary(lib), figure.unit)
     details = figure.details.get(lib, [])
     if any(detail.get("lower_bound") for detail in details):
@@ -129,7 +141,9 @@ def table_rows(figures: list[Figure]) -> list[list[str]]:
                 unit,
                 format_cell(figure, BASE),
                 format_cell(figure, CANDIDATE),
-                format_ratio(figure.ratio(CANDIDATE, BASE)),
+                format_ratio(figure.ratio(CANDIDATE, BASE))
+                if figure.measures(BASE) and figure.measures(CANDIDATE)
+                else "",
             ]
         )
     return rows
@@ -170,11 +184,36 @@ def terminal_table(
     out.append("median ±half-range over repetitions; ↑ higher is better, ↓ lower is better;")
     out.append("rs/db = depeche-rs median / depeche-db median; '>=' = some messages were not")
     out.append("seen before the timeout (lower bound); '(partial)' = stopped at the time limit.")
+    if any(figure.only for figure in figures):
+        out.append(f"'{NOT_RUN}' = the workload measures {_only_text(figures)} alone.")
+    held = held_xid_note(figures)
+    if held:
+        out.append(textwrap.fill(held, width=88))
     notes = errors_by_library(figures, unavailable)
     if notes:
         out.append("")
         out.extend(f"n/a: {note}" for note in notes)
     return "\n".join(out)
+
+
+def _only_text(figures: list[Figure]) -> str:
+    libs = sorted({lib for figure in figures for lib in figure.only})
+    return ", ".join(LABELS.get(lib, lib) for lib in libs)
+
+
+def held_xid_note(figures: list[Figure]) -> str:
+    """What the held-xid rows compare, when the run has them."""
+    held = [figure for figure in figures if figure.key.startswith("held_xid/")]
+    if not held:
+        return ""
+    params = held[0].params
+    return (
+        f"held xid: the same catch-up ({params.get('messages', 0):,} messages over "
+        f"{params.get('streams', 0):,} streams, StreamNamePartitioner) on identical data, "
+        "(a) plain and (b) while a transaction in another database of the cluster holds "
+        "an xid taken before the backlog was written; the slowdown is (b)/(a) in seconds, "
+        f"per repetition; the goal is <= {params.get('goal_ratio', GOAL_RATIO)}."
+    )
 
 
 def markdown_table(figures: list[Figure]) -> str:
@@ -239,6 +278,11 @@ def docs_section(document: dict[str, Any], figures: list[Figure], chart: str | N
         "before the timeout, so the figure is a lower bound; `(partial)`: the projection "
         "was stopped at the time limit.",
     ]
+    if any(figure.only for figure in figures):
+        lines[-1] += f" `{NOT_RUN}`: the workload measures {_only_text(figures)} alone."
+    held = held_xid_note(figures)
+    if held:
+        lines.extend(["", held[0].upper() + held[1:]])
     notes = errors_by_library(figures, {k: v["error"] for k, v in libs.items() if v.get("error")})
     if notes:
         lines.append("")
