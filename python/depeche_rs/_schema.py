@@ -217,6 +217,7 @@ CREATE TABLE IF NOT EXISTS {cursor} (
     global_position bigint NOT NULL,
     snapshot pg_snapshot,
     system_identifier bigint,
+    table_oid bigint,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 -- depeche-db layouts before 0.12.3 have no max positions yet.

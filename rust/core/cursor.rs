@@ -49,6 +49,16 @@ impl Cursor {
     }
 }
 
+/// Where a cursor was written: a cursor speaks only for the aggregated table it was
+/// written with, on the cluster whose transaction ids its snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorHome {
+    /// The cluster's `system_identifier` (NULL where `pg_control_system()` is revoked).
+    pub cluster: Option<i64>,
+    /// The aggregated table's OID: a table dropped and created again starts over.
+    pub table: Option<i64>,
+}
+
 /// A cursor row as stored (`depeche_stream_<agg>_cursor`).
 #[derive(Debug, Clone)]
 pub struct StoredCursor {
@@ -56,8 +66,8 @@ pub struct StoredCursor {
     pub wildcard: String,
     /// Its cursor.
     pub cursor: Cursor,
-    /// The `system_identifier` of the cluster whose transaction ids the snapshot holds.
-    pub system_identifier: Option<i64>,
+    /// Where it was written.
+    pub home: CursorHome,
 }
 
 /// Wildcards whose cursors are equal, scanned by one pair of queries.
@@ -74,21 +84,22 @@ pub struct CursorGroup {
 
 /// Group the configured `wildcards` by their stored cursors.
 ///
-/// A cursor whose snapshot comes from another cluster (a restored dump, a logical
-/// copy: its transaction ids mean nothing here) is treated as absent: the wildcard is
+/// A cursor written elsewhere is treated as absent: one from another cluster (a restored
+/// dump, a logical copy: its transaction ids mean nothing here), or for an aggregated
+/// table that was dropped and created again since (its rows are gone). The wildcard is
 /// scanned again from the start, and the primary key keeps that harmless.
 #[must_use]
 pub fn group_cursors(
     wildcards: &[String],
     stored: &[StoredCursor],
-    system_identifier: Option<i64>,
+    here: CursorHome,
 ) -> Vec<CursorGroup> {
     let by_wildcard: HashMap<&str, &StoredCursor> =
         stored.iter().map(|s| (s.wildcard.as_str(), s)).collect();
     let mut groups: Vec<CursorGroup> = Vec::new();
     for wildcard in wildcards {
         let (cursor, rewrite) = match by_wildcard.get(wildcard.as_str()) {
-            Some(s) if s.system_identifier == system_identifier => (s.cursor.clone(), false),
+            Some(s) if s.home == here => (s.cursor.clone(), false),
             _ => (Cursor::start(), true),
         };
         match groups
@@ -295,14 +306,19 @@ mod tests {
         }
     }
 
-    fn stored(wildcard: &str, position: i64, system: Option<i64>) -> StoredCursor {
+    const HERE: CursorHome = CursorHome {
+        cluster: Some(1),
+        table: Some(16384),
+    };
+
+    fn stored(wildcard: &str, position: i64, home: CursorHome) -> StoredCursor {
         StoredCursor {
             wildcard: wildcard.into(),
             cursor: Cursor {
                 position,
                 snapshot: Some("5:9:7".into()),
             },
-            system_identifier: system,
+            home,
         }
     }
 
@@ -311,8 +327,8 @@ mod tests {
         let wildcards = vec!["a-%".to_string(), "b-%".to_string(), "c-%".to_string()];
         let groups = group_cursors(
             &wildcards,
-            &[stored("a-%", 40, Some(1)), stored("b-%", 40, Some(1))],
-            Some(1),
+            &[stored("a-%", 40, HERE), stored("b-%", 40, HERE)],
+            HERE,
         );
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].wildcards, vec!["c-%"]);
@@ -324,11 +340,22 @@ mod tests {
     }
 
     #[test]
-    fn a_cursor_from_another_cluster_starts_over() {
+    fn a_cursor_from_another_cluster_or_table_starts_over() {
         let wildcards = vec!["a-%".to_string()];
-        let groups = group_cursors(&wildcards, &[stored("a-%", 40, Some(2))], Some(1));
-        assert_eq!(groups[0].cursor, Cursor::start());
-        assert!(groups[0].rewrite);
+        for elsewhere in [
+            CursorHome {
+                cluster: Some(2),
+                ..HERE
+            },
+            CursorHome {
+                table: Some(20000),
+                ..HERE
+            },
+        ] {
+            let groups = group_cursors(&wildcards, &[stored("a-%", 40, elsewhere)], HERE);
+            assert_eq!(groups[0].cursor, Cursor::start());
+            assert!(groups[0].rewrite);
+        }
     }
 
     #[test]
@@ -358,7 +385,11 @@ mod tests {
         let groups = [group(&["loan-%"], 0), group(&["acc-%"], 1000)];
         let fetched = vec![
             GroupRows {
-                above: vec![row(3, "loan-1", 1), row(7, "loan-1", 2), row(9, "loan-2", 1)],
+                above: vec![
+                    row(3, "loan-1", 1),
+                    row(7, "loan-1", 2),
+                    row(9, "loan-2", 1),
+                ],
                 above_full: true,
                 ..GroupRows::default()
             },

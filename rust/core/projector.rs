@@ -18,7 +18,7 @@ use crate::core::connect::connect;
 pub use crate::core::cursor::OriginRow;
 use crate::core::cursor::{
     group_cursors, merge, snapshot_stale, snapshot_xip, snapshot_xmax, Cursor, CursorGroup,
-    GroupRows, StoredCursor,
+    CursorHome, GroupRows, StoredCursor,
 };
 use crate::core::error::{Error, Result};
 use crate::core::sql;
@@ -34,7 +34,7 @@ pub struct PendingBatch {
     /// Whether the cursors must be written even without rows.
     write_cursors: bool,
     snapshot: String,
-    system_identifier: Option<i64>,
+    home: CursorHome,
     more: bool,
 }
 
@@ -54,7 +54,7 @@ const MAX_WINDOW: i64 = 1 << 24;
 struct State {
     snapshot: String,
     max_visible: Option<i64>,
-    system_identifier: Option<i64>,
+    home: CursorHome,
 }
 
 /// Partition and message time of one row, as decided by the partitioner.
@@ -207,11 +207,14 @@ impl Projector {
         );
         let state = state.map_err(|e| Error::from_pg("reading the database's state", e))?;
         let stored = stored.map_err(|e| Error::from_pg("reading the projector cursors", e))?;
-        check_sequence(&t.sequence, state.get(3), state.get(4))?;
+        check_sequence(&t.sequence, state.get(4), state.get(5))?;
         let state = State {
             snapshot: state.get(0),
             max_visible: state.get(1),
-            system_identifier: state.get(2),
+            home: CursorHome {
+                cluster: state.get(2),
+                table: state.get(3),
+            },
         };
         let stored: Vec<StoredCursor> = stored
             .iter()
@@ -221,10 +224,13 @@ impl Projector {
                     position: r.get(1),
                     snapshot: r.get(2),
                 },
-                system_identifier: r.get(3),
+                home: CursorHome {
+                    cluster: r.get(3),
+                    table: r.get(4),
+                },
             })
             .collect();
-        let groups = group_cursors(wildcards, &stored, state.system_identifier);
+        let groups = group_cursors(wildcards, &stored, state.home);
 
         let mut fetched = Vec::with_capacity(groups.len());
         for group in &groups {
@@ -257,7 +263,7 @@ impl Projector {
             cursor_positions,
             write_cursors,
             snapshot: state.snapshot,
-            system_identifier: state.system_identifier,
+            home: state.home,
             more: merged.more,
         })
     }
@@ -442,7 +448,8 @@ impl Projector {
                             &batch.cursor_wildcards,
                             &batch.cursor_positions,
                             &batch.snapshot,
-                            &batch.system_identifier,
+                            &batch.home.cluster,
+                            &batch.home.table,
                         ],
                     )
                     .await
@@ -529,7 +536,10 @@ fn first_real_error(results: [Result<()>; 3]) -> Result<()> {
 /// get a lower global position than its previous one.
 fn check_sequence(name: &str, cache: Option<i64>, increment: Option<i64>) -> Result<()> {
     let unsafe_setting = match (cache, increment) {
-        (Some(c), _) if c > 1 => Some((format!("CACHE {c}"), format!("ALTER SEQUENCE {name} CACHE 1"))),
+        (Some(c), _) if c > 1 => Some((
+            format!("CACHE {c}"),
+            format!("ALTER SEQUENCE {name} CACHE 1"),
+        )),
         (_, Some(i)) if i < 1 => Some((
             format!("INCREMENT {i}"),
             format!("ALTER SEQUENCE {name} INCREMENT 1"),
@@ -568,7 +578,9 @@ mod tests {
     fn caching_and_descending_sequences_are_refused() {
         assert!(check_sequence("s", Some(1), Some(1)).is_ok());
         assert!(check_sequence("s", None, None).is_ok());
-        let err = check_sequence("s", Some(20), Some(1)).unwrap_err().to_string();
+        let err = check_sequence("s", Some(20), Some(1))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("CACHE 20") && err.contains("ALTER SEQUENCE s CACHE 1"));
         assert!(check_sequence("s", Some(1), Some(-1)).is_err());
     }

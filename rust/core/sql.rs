@@ -13,8 +13,9 @@ pub fn begin(t: &TableNames) -> String {
 }
 
 /// What the batch needs to know about the database, read in its snapshot: the
-/// snapshot itself, the highest visible global position, the cluster's identity (whose
-/// transaction ids the snapshot holds), and the settings of the store's sequence.
+/// snapshot itself, the highest visible global position, where cursors are written (the
+/// cluster's identity, whose transaction ids the snapshot holds, and the aggregated
+/// table's OID), and the settings of the store's sequence.
 ///
 /// Parameter: `$1` the sequence's name. `pg_control_system()` is public in stock
 /// PostgreSQL; where an administrator revoked it the identity reads as NULL.
@@ -24,16 +25,17 @@ pub fn read_state(t: &TableNames) -> String {
                 (SELECT max(global_position)::int8 FROM {msgs}), \
                 CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') \
                      THEN (SELECT system_identifier FROM pg_control_system()) END, \
-                s.seqcache, s.seqincrement \
+                '{agg}'::regclass::oid::int8, s.seqcache, s.seqincrement \
          FROM (SELECT 1) AS one LEFT JOIN pg_sequence AS s ON s.seqrelid = to_regclass($1::text)",
         msgs = t.messages,
+        agg = t.stream,
     )
 }
 
 /// The stored cursors of the given wildcards (`$1`).
 pub fn read_cursors(t: &TableNames) -> String {
     format!(
-        "SELECT wildcard, global_position, snapshot::text, system_identifier \
+        "SELECT wildcard, global_position, snapshot::text, system_identifier, table_oid \
          FROM {} WHERE wildcard = ANY($1::text[])",
         t.cursor
     )
@@ -130,15 +132,16 @@ pub fn upsert_positions(t: &TableNames) -> String {
 }
 
 /// Upsert of the cursors of the given wildcards: `$1` wildcards, `$2` positions,
-/// `$3` the batch's snapshot, `$4` the cluster's identity.
+/// `$3` the batch's snapshot, `$4` the cluster's identity, `$5` the aggregated table's OID.
 pub fn upsert_cursors(t: &TableNames) -> String {
     format!(
-        "INSERT INTO {} (wildcard, global_position, snapshot, system_identifier, updated_at) \
-         SELECT w, p, $3::text::pg_snapshot, $4::int8, now() \
+        "INSERT INTO {} (wildcard, global_position, snapshot, system_identifier, table_oid, \
+                         updated_at) \
+         SELECT w, p, $3::text::pg_snapshot, $4::int8, $5::int8, now() \
            FROM unnest($1::text[], $2::int8[]) AS u(w, p) \
          ON CONFLICT (wildcard) DO UPDATE SET global_position = EXCLUDED.global_position, \
              snapshot = EXCLUDED.snapshot, system_identifier = EXCLUDED.system_identifier, \
-             updated_at = EXCLUDED.updated_at",
+             table_oid = EXCLUDED.table_oid, updated_at = EXCLUDED.updated_at",
         t.cursor
     )
 }
