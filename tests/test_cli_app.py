@@ -50,3 +50,14 @@ class GatedPartitioner:
         while os.path.exists(gate):
             time.sleep(0.01)
         return 0
+
+
+class PickyPartitioner:
+    """Partition by account (raw JSON messages); raises on account 13, as a partitioner
+    meeting data it was not written for would."""
+
+    def get_partition(self, message: StoredMessage[Any]) -> int:
+        account = int(message.message["account"])
+        if account == 13:
+            raise ValueError("account 13 is not supported")
+        return account % 3

@@ -4,6 +4,7 @@ clean stops, hot standby, killed connections, metrics."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -294,11 +295,13 @@ def test_metrics_endpoint_serves_prometheus_text_with_moving_counters(
         "depeche_rs_last_batch_timestamp_seconds": "gauge",
         "depeche_rs_lock_holder": "gauge",
         "depeche_rs_reconnects_total": "counter",
+        "depeche_rs_stuck": "gauge",
     }
     s = stream_name
     assert _series(m, "depeche_rs_projected_messages_total", stream=s) == 120
     assert _series(m, "depeche_rs_backlog_messages", stream=s) == 0
     assert _series(m, "depeche_rs_lock_holder", stream=s) == 1
+    assert _series(m, "depeche_rs_stuck", stream=s) == 0
     assert _series(m, "depeche_rs_reconnects_total", connection="listen") == 0
     assert before <= _series(m, "depeche_rs_last_batch_timestamp_seconds", stream=s) <= time.time()
     count = _series(m, "depeche_rs_batch_duration_seconds_count", stream=s)
@@ -400,6 +403,236 @@ def test_messages_written_without_a_time_take_it_from_their_json(
     assert times["acc-1"] == "2024-03-01 08:00:00"
     assert times["acc-2"] == "2023-11-14 22:13:20"
     assert fallback is True  # no time in the JSON: when it was written
+
+
+def _write_poison(engine: sa.Engine, store: str, stream: str) -> tuple[str, int, int]:
+    """A message written as depeche-db writes (no message time) that the application's
+    serializer cannot read: its id, version and global position."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"SELECT depeche_write_message_{store}(gen_random_uuid(), %s, "
+            """'{"garbage": 1}'::json)""",
+            (stream,),
+        )
+        row = conn.exec_driver_sql(
+            f"SELECT message_id::text, version, global_position FROM depeche_msgs_{store} "
+            "WHERE message ? 'garbage'"
+        ).one()
+    return str(row[0]), int(row[1]), int(row[2])
+
+
+def _status(dsn: str, store: str, capsys: pytest.CaptureFixture[str], *extra: str) -> Any:
+    capsys.readouterr()
+    code = main(["status", "--dsn", dsn, "--store", store, *extra])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if "--json" in extra else out)
+
+
+def test_a_poisoned_stream_is_stuck_while_the_others_go_on_and_resumes_once_fixed(
+    store: Store,
+    stream_name: str,
+    engine: sa.Engine,
+    dsn: str,
+    cli: Cli,
+    tmp_path: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    poisoned, healthy = f"{stream_name}_x", f"{stream_name}_acc"
+    _write(store, streams=3, per_stream=4, prefix="x")
+    message_id, version, position = _write_poison(engine, store.name, "x-1")
+    _write(store, streams=2, per_stream=3, prefix="x-after")
+    _write(store, streams=4, per_stream=5)
+    config = tmp_path / "projectors.toml"
+    config.write_text(
+        f'dsn = "{dsn}"\n'
+        "[[streams]]\n"
+        f'store = "{store.name}"\n'
+        f'stream = "{poisoned}"\n'
+        'wildcards = ["x-%"]\n'
+        'partitioner = "stream-hash"\n'
+        'serializer = "tests.test_cli_app:serializer"\n'
+        "[[streams]]\n"
+        f'store = "{store.name}"\n'
+        f'stream = "{healthy}"\n'
+        'wildcards = ["acc-%"]\n'
+        'partitioner = "stream-hash"\n'
+    )
+    p = cli("project", "--config", str(config), "--log-format", "json",
+            "--poll-interval", "0.2", "--metrics-port", "0")  # fmt: skip
+    port = int(p.wait_for("metrics")["port"])
+    stuck = p.wait_for("stuck", stream=poisoned)
+    assert stuck["level"] == "error"
+    assert (stuck["store"], stuck["kind"]) == (store.name, "PoisonMessageError")
+    assert (stuck["origin_stream"], stuck["version"]) == ("x-1", version)
+    assert (stuck["global_position"], stuck["message_id"]) == (position, message_id)
+    assert f"UPDATE depeche_msgs_{store.name} SET occurred_at" in stuck["message"]
+    assert p.wait_for("caught_up", stream=healthy)["projected"] == 20
+
+    # The other stream keeps projecting live messages.
+    store.write("acc-live", AccountCreated(account=99))
+    _wait_count(engine, healthy, 21, timeout=5)
+    m = scrape(port)
+    assert _series(m, "depeche_rs_stuck", stream=poisoned) == 1
+    assert _series(m, "depeche_rs_stuck", stream=healthy) == 0
+
+    code, data = _status(dsn, store.name, capsys, "--json", "--check")
+    assert code == 3
+    shown = {s["name"]: s for s in data["aggregated_streams"]}
+    assert shown[healthy]["stuck"] is None
+    recorded = shown[poisoned]["stuck"]
+    assert recorded["kind"] == "PoisonMessageError"
+    assert (recorded["origin_stream"], recorded["version"]) == ("x-1", version)
+    assert (recorded["global_position"], recorded["message_id"]) == (position, message_id)
+    assert recorded["since"] is not None and recorded["age_seconds"] >= 0
+    assert 'cannot be deserialized: TypeError("Unknown message type None' in recorded["error"]
+    code, text = _status(dsn, store.name, capsys)
+    assert code == 0  # without --check the exit status says the figures were read
+    split = [re.split(r"\s{2,}", line) for line in text.splitlines()]
+    table = {cells[0]: cells for cells in split if len(cells) == 8}
+    assert table["AGGREGATED STREAM"][7] == "STATE"
+    assert re.fullmatch(r"STUCK for [0-9.]+ s", table[poisoned][7])
+    assert table[healthy][7] == "ok"
+    [line] = [line for line in text.splitlines() if line.startswith(f"{poisoned} is STUCK since")]
+    assert message_id in line
+    assert f"stream 'x-1', version {version}, global position {position}" in line
+
+    # Retried every poll interval, logged once; the process keeps running.
+    time.sleep(1.0)
+    assert len(p.named("stuck")) == 1
+    assert p.proc.poll() is None
+
+    # The operator records the message's time: the stream goes on by itself.
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE depeche_msgs_{store.name} SET occurred_at = now() WHERE message_id = %s",
+            (message_id,),
+        )
+    resumed = p.wait_for("resumed", stream=poisoned)
+    assert resumed["message_id"] == message_id and resumed["seconds"] > 0
+    _wait_count(engine, poisoned, 12 + 1 + 6)
+    rows = check_invariants(engine, store.name, poisoned, "x-%")
+    assert len(rows) == 19
+    assert _series(scrape(port), "depeche_rs_stuck", stream=poisoned) == 0
+    code, data = _status(dsn, store.name, capsys, "--json", "--check")
+    assert code == 0
+    assert all(s["stuck"] is None for s in data["aggregated_streams"])
+    assert p.stop() == 0
+    check_invariants(engine, store.name, healthy, "acc-%")
+
+
+def test_every_stream_stuck_exits_1_and_the_record_stays_until_a_projector_goes_on(
+    store: Store,
+    stream_name: str,
+    engine: sa.Engine,
+    dsn: str,
+    cli: Cli,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _write(store, streams=2, per_stream=3)
+    message_id, version, position = _write_poison(engine, store.name, "acc-1")
+    args = _project(
+        dsn,
+        store.name,
+        stream_name,
+        "--partitioner",
+        "stream-hash",
+        "--serializer",
+        "tests.test_cli_app:serializer",
+        "--poll-interval",
+        "0.2",
+    )
+    p = cli(*args)
+    assert p.wait() == 1
+    assert p.wait_for("stuck")["global_position"] == position
+    assert p.wait_for("error")["stuck"] == [stream_name]
+    assert p.events[-1]["event"] == "stopped" and p.events[-1]["status"] == 1
+
+    # The process is gone; `status` still says where the stream stopped.
+    code, data = _status(dsn, store.name, capsys, "--json", "--check")
+    [shown] = data["aggregated_streams"]
+    assert code == 3 and shown["projector"] is None
+    assert (shown["stuck"]["message_id"], shown["stuck"]["version"]) == (message_id, version)
+
+    # --once with a stuck stream: the others are done, the exit status says it is not.
+    once = cli(*args, "--once")
+    assert once.wait() == 1
+    assert once.wait_for("done")["stuck"] == [stream_name]
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"DELETE FROM depeche_msgs_{store.name} WHERE message_id = %s", (message_id,)
+        )
+    again = cli(*args, "--once")
+    assert again.wait() == 0
+    # Stuck in an earlier process: cleared without a `resumed` line in this one.
+    assert not again.named("resumed")
+    code, data = _status(dsn, store.name, capsys, "--json", "--check")
+    assert code == 0 and data["aggregated_streams"][0]["stuck"] is None
+    assert len(check_invariants(engine, store.name, stream_name, "acc-%")) == 6
+
+
+def test_a_failing_partitioner_and_an_unsafe_sequence_stick_only_their_streams(
+    store: Store,
+    stream_name: str,
+    engine: sa.Engine,
+    dsn: str,
+    cli: Cli,
+    tmp_path: Any,
+    serializer: Any,
+) -> None:
+    other = MessageStore(f"{store.name}_b", engine, serializer)
+    _write(store, streams=2, per_stream=3)
+    store.write("acc-13", Deposited(account=13, amount=1))
+    store.write("acc-13", Deposited(account=13, amount=2))
+    _write(store, streams=2, per_stream=2, prefix="other")
+    _write(other, streams=2, per_stream=2)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER SEQUENCE depeche_msgs_{other.name}_global_seq CACHE 20")
+        blamed = conn.exec_driver_sql(
+            f"SELECT message_id::text, version, global_position FROM depeche_msgs_{store.name} "
+            "WHERE stream = 'acc-13' ORDER BY version LIMIT 1"
+        ).one()
+    picky, unsafe, healthy = (f"{stream_name}_{n}" for n in ("picky", "unsafe", "healthy"))
+    config = tmp_path / "projectors.toml"
+    config.write_text(
+        f'dsn = "{dsn}"\n'
+        f'[[streams]]\nstore = "{store.name}"\nstream = "{picky}"\nwildcards = ["acc-%"]\n'
+        'partitioner = "tests.test_cli_app:PickyPartitioner"\n'
+        f'[[streams]]\nstore = "{other.name}"\nstream = "{unsafe}"\nwildcards = ["acc-%"]\n'
+        'partitioner = "stream-hash"\n'
+        f'[[streams]]\nstore = "{store.name}"\nstream = "{healthy}"\n'
+        'wildcards = ["other-%"]\npartitioner = "stream-hash"\n'
+    )
+    p = cli("project", "--config", str(config), "--log-format", "json", "--poll-interval", "0.2")
+
+    # A partitioner error names only the message id: the rest is looked up.
+    failed = p.wait_for("stuck", stream=picky)
+    assert failed["kind"] == "PartitionerError"
+    assert (failed["message_id"], failed["origin_stream"]) == (blamed[0], "acc-13")
+    assert (failed["version"], failed["global_position"]) == (blamed[1], blamed[2])
+    assert "fix the partitioner" in failed["message"]
+    assert f"stream 'acc-13', version {blamed[1]}, global position {blamed[2]}" in failed["message"]
+    sequence = p.wait_for("stuck", stream=unsafe)
+    assert sequence["kind"] == "UnsafeSequenceError" and sequence["message_id"] is None
+    assert f"ALTER SEQUENCE depeche_msgs_{other.name}_global_seq CACHE 1" in sequence["message"]
+    assert p.wait_for("caught_up", stream=healthy)["projected"] == 4
+    time.sleep(0.6)
+    assert len(p.named("stuck")) == 2 and p.proc.poll() is None
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER SEQUENCE depeche_msgs_{other.name}_global_seq CACHE 1")
+    assert p.wait_for("resumed", stream=unsafe)["kind"] == "UnsafeSequenceError"
+    _wait_count(engine, unsafe, 4)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE depeche_msgs_{store.name} SET message = jsonb_set(message, '{{account}}', "
+            "'14') WHERE stream = 'acc-13'"
+        )
+    assert p.wait_for("resumed", stream=picky)["message_id"] == blamed[0]
+    _wait_count(engine, picky, 8)
+    assert p.stop() == 0
+    check_invariants(engine, store.name, picky, "acc-%")
+    check_invariants(engine, other.name, unsafe, "acc-%")
 
 
 def _in_transaction(dsn: str, agg: str) -> bool:

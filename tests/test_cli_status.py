@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
 from depeche_rs import MessageStore
 from depeche_rs.__main__ import main
+from depeche_rs._cli import _catalog
 from depeche_rs._cli._migrate import migration_script
 from depeche_rs._schema import SCHEMA_VERSION
 from depeche_rs.tools import DbSubscriptionStateProvider, StreamHashPartitioner
@@ -319,3 +322,136 @@ def test_migrate_apply_brings_a_depeche_db_layout_to_ours_twice_then_it_projects
     assert projected.returncode == 0, projected.stderr
     rows = check_invariants(engine, store_name, stream_name, "acc-%")
     assert [(r[3], r[4]) for r in rows] == [(0, p) for p in range(6)]
+
+
+def test_backlog_counts_from_the_lowest_cursor_of_the_configured_wildcards_in_both_layouts(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, tmp_path: Path, run: Run
+) -> None:
+    store.aggregated_stream(stream_name, StreamHashPartitioner(2), ["acc-%", "card-%"])
+    _write(store, streams=2, per_stream=5)  # global positions 1-10
+    _write(store, streams=2, per_stream=5, prefix="card")  # 11-20
+    _write(store, streams=1, per_stream=4, prefix="other")  # 21-24, never counted
+    cursor = f"depeche_stream_{stream_name}_cursor"
+    config = tmp_path / "streams.toml"
+    config.write_text(
+        f'[[streams]]\nstore = "{store.name}"\nstream = "{stream_name}"\n'
+        'wildcards = ["acc-%", "card-%"]\n'
+    )
+
+    def backlog() -> int:
+        result = run("status", "--dsn", dsn, "--store", store.name, "--config", str(config),
+                     "--json")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        [shown] = json.loads(result.stdout)["aggregated_streams"]
+        return int(shown["backlog"])
+
+    def cursors(*rows: tuple[str, int]) -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM {cursor}")
+            for wildcard, position in rows:
+                conn.exec_driver_sql(
+                    f"INSERT INTO {cursor} (wildcard, global_position) VALUES (%s, %s)",
+                    (wildcard, position),
+                )
+
+    # One cursor per wildcard: a configured wildcard without one is at 0.
+    assert backlog() == 20
+    cursors(("acc-%", 6))
+    assert backlog() == 20
+    cursors(("acc-%", 6), ("card-%", 15))
+    assert backlog() == 14  # above 6: acc 7-10, card 11-20
+    cursors(("acc-%", 18), ("card-%", 15), ("gone-%", 2))  # not configured: ignored
+    assert backlog() == 5  # above 15: card 16-20
+
+    # One row for every wildcard (the layout before).
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {cursor} CASCADE")
+        conn.exec_driver_sql(
+            f"CREATE TABLE {cursor} (id integer PRIMARY KEY CHECK (id = 1), "
+            "global_position bigint NOT NULL, snapshot pg_snapshot, "
+            "updated_at timestamptz NOT NULL DEFAULT now())"
+        )
+    assert backlog() == 20
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"INSERT INTO {cursor} (id, global_position) VALUES (1, 12)")
+    assert backlog() == 8
+
+    # No cursor table (a depeche-db layout): everything not projected.
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {cursor} CASCADE")
+    assert backlog() == 20
+
+
+def test_an_older_registry_gains_the_stuck_columns_once_even_with_concurrent_starts(
+    dsn: str, suffix: str
+) -> None:
+    schema = f"reg_{suffix}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        scoped = psycopg.conninfo.make_conninfo(dsn, options=f"-c search_path={schema}")
+        with psycopg.connect(scoped, autocommit=True) as conn:
+            # The registry as the first release created it, with a row.
+            conn.execute(
+                "CREATE TABLE depeche_rs_projectors (stream text PRIMARY KEY, store text NOT "
+                "NULL, wildcards text[] NOT NULL, partitioner text NOT NULL, batch_size integer "
+                "NOT NULL, registered_by text NOT NULL, updated_at timestamptz NOT NULL "
+                "DEFAULT now())"
+            )
+            conn.execute(
+                "INSERT INTO depeche_rs_projectors VALUES ('agg', 'st', '{acc-%}', "
+                "'stream-hash', 1000, 'old', now())"
+            )
+            # `status` reads it as it is.
+            [old] = _catalog.registrations(conn)
+            assert (old.stream, old.wildcards, old.stuck) == ("agg", ("acc-%",), None)
+
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(6)
+
+        def start() -> None:
+            try:
+                with psycopg.connect(scoped, autocommit=True) as conn:
+                    barrier.wait()
+                    _catalog.ensure_registry(conn)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+
+        with psycopg.connect(scoped, autocommit=True) as conn:
+            columns = _catalog.table_columns(conn, "depeche_rs_projectors")
+            assert {c for c in columns if c.startswith("stuck_")} == {
+                "stuck_kind",
+                "stuck_error",
+                "stuck_since",
+                "stuck_message_id",
+                "stuck_origin_stream",
+                "stuck_origin_version",
+                "stuck_global_position",
+            }
+            _catalog.ensure_registry(conn)  # a no-op now
+            stuck = _catalog.Stuck("PoisonMessageError", "unreadable", origin_stream="acc-1")
+            _catalog.mark_stuck(conn, "agg", stuck)
+            [marked] = _catalog.registrations(conn)
+            assert marked.stuck is not None and marked.stuck.since is not None
+            assert (marked.stuck.kind, marked.stuck.origin_stream) == (
+                "PoisonMessageError",
+                "acc-1",
+            )
+            # The same cause again (a standby taking over): it is stuck since the first time.
+            _catalog.mark_stuck(conn, "agg", stuck)
+            [again] = _catalog.registrations(conn)
+            assert again.stuck is not None and again.stuck.since == marked.stuck.since
+            assert _catalog.clear_stuck(conn, "agg") is True
+            assert _catalog.clear_stuck(conn, "agg") is False
+            [cleared] = _catalog.registrations(conn)
+            assert (cleared.stream, cleared.registered_by, cleared.stuck) == ("agg", "old", None)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

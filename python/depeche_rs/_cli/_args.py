@@ -1,8 +1,9 @@
 """Argument parsers of `project`, `status` and `migrate`, and their dispatch.
 
 Exit statuses: 0 done or stopped cleanly, 1 an error no retry can fix (including a
-database that cannot be reached at start), 2 bad arguments or configuration (argparse
-exits with 2 by itself; `ConfigError` is turned into 2 here).
+database that cannot be reached at start, and every aggregated stream of a `project`
+process stuck), 2 bad arguments or configuration (argparse exits with 2 by itself;
+`ConfigError` is turned into 2 here), 3 `status --check` found a stuck stream.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def _add_status(commands: Any) -> None:
     p.add_argument("--store", help="only this message store's streams and subscriptions")
     p.add_argument("--config", metavar="FILE", help="TOML file naming streams and wildcards")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit with status 3 when an aggregated stream is stuck (for health checks)",
+    )
     p.add_argument("--top", type=int, default=5, metavar="N", help="partitions shown (0: all)")
     p.add_argument(
         "--subscription",

@@ -4,7 +4,8 @@ lock holders, and the stores, aggregated streams and subscription tables present
 The registry (`depeche_rs_projectors`, an additive table of ours) records, per aggregated
 stream, the store, wildcards and partitioner `depeche-rs project` last ran it with: the
 tables themselves do not say which origin streams an aggregated stream follows, and
-`status` needs that to count the backlog.
+`status` needs that to count the backlog. It also records why a stream is stuck (a batch
+failing in a way no retry fixes), so that `status`, another process, can show it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import re
+import uuid as _uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,8 +36,35 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclasses.dataclass(frozen=True)
+class Stuck:
+    """Why an aggregated stream cannot go on: its next batch fails in a way no retry
+    fixes (a message the serializer cannot read, a failing partitioner, an unsafe
+    sequence, tables dropped underneath).
+
+    Attributes:
+        kind: The error's class name (`PoisonMessageError`, `PartitionerError`, ...).
+        error: What is wrong and what to do, for people.
+        message_id: The message the batch stopped at, when one is to blame.
+        origin_stream: Its origin stream.
+        version: Its version in that stream.
+        global_position: Its global position in the store.
+        since: When the stream got stuck (as recorded in the registry).
+        age_seconds: How long ago that was, when read back.
+    """
+
+    kind: str
+    error: str
+    message_id: _uuid.UUID | None = None
+    origin_stream: str | None = None
+    version: int | None = None
+    global_position: int | None = None
+    since: _dt.datetime | None = None
+    age_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Registration:
-    """How `depeche-rs project` last ran an aggregated stream."""
+    """How `depeche-rs project` last ran an aggregated stream, and whether it is stuck."""
 
     stream: str
     store: str
@@ -44,14 +73,16 @@ class Registration:
     batch_size: int
     registered_by: str
     updated_at: _dt.datetime
+    stuck: Stuck | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Backlog:
     """Matching messages above the projector's cursor that are not projected yet.
 
-    Messages below the cursor whose transaction is still running are not counted: they
-    are not visible yet.
+    With a cursor per wildcard, "above the cursor" is above the lowest cursor among the
+    configured wildcards (0 for a wildcard never projected). Messages below the cursor
+    whose transaction is still running are not counted: they are not visible yet.
     """
 
     messages: int
@@ -85,13 +116,46 @@ def regclass_exists(conn: Conn, table: str) -> bool:
     return bool(row and row[0])
 
 
+def table_columns(conn: Conn, table: str) -> set[str]:
+    """The column names of `table` (empty when it does not exist)."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute"
+        " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+        (table,),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+# Added after the first release: `ensure_registry` adds them to older tables.
+_STUCK_COLUMNS = (
+    ("stuck_kind", "text"),
+    ("stuck_error", "text"),
+    ("stuck_since", "timestamptz"),
+    ("stuck_message_id", "uuid"),
+    ("stuck_origin_stream", "text"),
+    ("stuck_origin_version", "bigint"),
+    ("stuck_global_position", "bigint"),
+)
+
+
+def _missing_stuck_columns(conn: Conn) -> list[tuple[str, str]]:
+    present = table_columns(conn, REGISTRY_TABLE)
+    return [c for c in _STUCK_COLUMNS if c[0] not in present]
+
+
 def ensure_registry(conn: Conn) -> None:
-    """Create the registry table if missing (safe when several processes start at once)."""
-    if regclass_exists(conn, REGISTRY_TABLE):
+    """Create the registry table, or add the columns an older one lacks (idempotent, and
+    safe when several processes start at once)."""
+    if regclass_exists(conn, REGISTRY_TABLE) and not _missing_stuck_columns(conn):
+        # The usual case takes no lock: ALTER TABLE would take an exclusive one.
         return
     with conn.transaction():
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext(%s))", ("depeche_rs:" + REGISTRY_TABLE,)
+        )
+        stuck_columns = sql.SQL("").join(
+            sql.SQL(", {} {}").format(sql.Identifier(name), sql.SQL(kind))
+            for name, kind in _STUCK_COLUMNS
         )
         conn.execute(
             sql.SQL(
@@ -102,17 +166,47 @@ def ensure_registry(conn: Conn) -> None:
                 " partitioner text NOT NULL,"
                 " batch_size integer NOT NULL,"
                 " registered_by text NOT NULL,"
-                " updated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(_table(REGISTRY_TABLE))
+                " updated_at timestamptz NOT NULL DEFAULT now(){})"
+            ).format(_table(REGISTRY_TABLE), stuck_columns)
         )
+        # Checked again under the lock: another process may have just added them.
+        missing = _missing_stuck_columns(conn)
+        if missing:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} {}").format(
+                    _table(REGISTRY_TABLE),
+                    sql.SQL(", ").join(
+                        sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
+                            sql.Identifier(name), sql.SQL(kind)
+                        )
+                        for name, kind in missing
+                    ),
+                )
+            )
 
 
 _REGISTRATION_COLUMNS = (
     "stream, store, wildcards, partitioner, batch_size, registered_by, updated_at"
 )
+_STUCK_SELECT = (
+    ", stuck_kind, stuck_error, stuck_message_id, stuck_origin_stream, stuck_origin_version,"
+    " stuck_global_position, stuck_since, extract(epoch FROM now() - stuck_since)::float8"
+)
 
 
 def _registration(row: Sequence[Any]) -> Registration:
+    stuck = None
+    if len(row) > 7 and row[8] is not None:
+        stuck = Stuck(
+            kind=row[7] or "",
+            error=row[8],
+            message_id=row[9],
+            origin_stream=row[10],
+            version=row[11],
+            global_position=row[12],
+            since=row[13],
+            age_seconds=row[14],
+        )
     return Registration(
         stream=row[0],
         store=row[1],
@@ -121,6 +215,7 @@ def _registration(row: Sequence[Any]) -> Registration:
         batch_size=row[4],
         registered_by=row[5],
         updated_at=row[6],
+        stuck=stuck,
     )
 
 
@@ -158,39 +253,112 @@ def register(
 
 def registrations(conn: Conn) -> list[Registration]:
     """Every registered aggregated stream, by name."""
-    if not regclass_exists(conn, REGISTRY_TABLE):
+    columns = table_columns(conn, REGISTRY_TABLE)
+    if not columns:
         return []
+    # A registry written by an older `depeche-rs project` has no stuck columns yet
+    # (`status` only reads: it does not add them).
+    stuck = _STUCK_SELECT if all(name in columns for name, _ in _STUCK_COLUMNS) else ""
     rows = conn.execute(
-        sql.SQL("SELECT {} FROM {} ORDER BY stream").format(
-            sql.SQL(_REGISTRATION_COLUMNS), _table(REGISTRY_TABLE)
+        sql.SQL("SELECT {}{} FROM {} ORDER BY stream").format(
+            sql.SQL(_REGISTRATION_COLUMNS), sql.SQL(stuck), _table(REGISTRY_TABLE)
         )
     ).fetchall()
     return [_registration(r) for r in rows]
 
 
-def backlog(conn: Conn, store: str, stream: str, wildcards: Sequence[str]) -> Backlog:
-    """Count the backlog of `stream` (see `Backlog`)."""
+def mark_stuck(conn: Conn, stream: str, stuck: Stuck) -> None:
+    """Record that `stream` is stuck. `stuck_since` keeps its time when the stream was
+    already stuck on the same message (or the same error), as when a standby takes over
+    and stops at the same place."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET"
+            " stuck_since = CASE WHEN stuck_since IS NOT NULL AND stuck_kind = %(kind)s"
+            "   AND (stuck_message_id = %(message_id)s::uuid"
+            "        OR (%(message_id)s::uuid IS NULL AND stuck_error = %(error)s))"
+            "   THEN stuck_since ELSE now() END,"
+            " stuck_kind = %(kind)s, stuck_error = %(error)s,"
+            " stuck_message_id = %(message_id)s::uuid, stuck_origin_stream = %(origin)s,"
+            " stuck_origin_version = %(version)s::int8,"
+            " stuck_global_position = %(position)s::int8"
+            " WHERE stream = %(stream)s"
+        ).format(_table(REGISTRY_TABLE)),
+        {
+            "stream": stream,
+            "kind": stuck.kind,
+            "error": stuck.error,
+            "message_id": stuck.message_id,
+            "origin": stuck.origin_stream,
+            "version": stuck.version,
+            "position": stuck.global_position,
+        },
+    )
+
+
+def clear_stuck(conn: Conn, stream: str) -> bool:
+    """Record that `stream` projects again; True when it was recorded as stuck."""
+    cleared = conn.execute(
+        sql.SQL(
+            "UPDATE {} SET stuck_kind = NULL, stuck_error = NULL, stuck_since = NULL,"
+            " stuck_message_id = NULL, stuck_origin_stream = NULL, stuck_origin_version = NULL,"
+            " stuck_global_position = NULL"
+            " WHERE stream = %s AND (stuck_error IS NOT NULL OR stuck_since IS NOT NULL)"
+        ).format(_table(REGISTRY_TABLE)),
+        (stream,),
+    )
+    return cleared.rowcount > 0
+
+
+def locate_message(conn: Conn, store: str, message_id: _uuid.UUID) -> tuple[str, int, int] | None:
+    """Origin stream, version and global position of a stored message, if it exists."""
+    row = conn.execute(
+        sql.SQL("SELECT stream, version, global_position FROM {} WHERE message_id = %s").format(
+            _table(_names.message_table(store))
+        ),
+        (message_id,),
+    ).fetchone()
+    return (str(row[0]), int(row[1]), int(row[2])) if row else None
+
+
+def _cursor_position(conn: Conn, stream: str) -> sql.Composable:
+    """SQL for the global position the backlog is counted from, in every layout of the
+    cursor table (parameter: the wildcards)."""
     cursor = _names.cursor_table(stream)
+    columns = table_columns(conn, cursor)
+    if "wildcard" in columns:
+        # One row per wildcard: count from the lowest cursor among the configured
+        # wildcards; a wildcard without a row (never projected) is at 0.
+        return sql.SQL(
+            "(SELECT coalesce(min(coalesce(c.global_position, 0)), 0)"
+            " FROM unnest(%(wildcards)s::text[]) AS w(wildcard)"
+            " LEFT JOIN {} AS c ON c.wildcard = w.wildcard)"
+        ).format(_table(cursor))
+    if "id" in columns:
+        # One row for all wildcards (before cursors were kept per wildcard).
+        return sql.SQL("coalesce((SELECT global_position FROM {} WHERE id = 1), 0)").format(
+            _table(cursor)
+        )
     # Without our cursor table (a depeche-db layout not migrated yet) every matching
     # message is checked against the aggregated table.
-    above = (
-        sql.SQL("coalesce((SELECT global_position FROM {} WHERE id = 1), 0)").format(_table(cursor))
-        if regclass_exists(conn, cursor)
-        else sql.SQL("0")
-    )
+    return sql.SQL("0")
+
+
+def backlog(conn: Conn, store: str, stream: str, wildcards: Sequence[str]) -> Backlog:
+    """Count the backlog of `stream` (see `Backlog`)."""
     row = conn.execute(
         sql.SQL(
             "SELECT count(*), min(m.added_at),"
             " extract(epoch FROM localtimestamp - min(m.added_at))::float8"
             " FROM {msgs} AS m"
-            " WHERE m.global_position > {above} AND m.stream LIKE ANY(%s)"
+            " WHERE m.global_position > {above} AND m.stream LIKE ANY(%(wildcards)s)"
             " AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id)"
         ).format(
             msgs=_table(_names.message_table(store)),
             agg=_table(_names.stream_table(stream)),
-            above=above,
+            above=_cursor_position(conn, stream),
         ),
-        (list(wildcards),),
+        {"wildcards": list(wildcards)},
     ).fetchone()
     assert row is not None
     return Backlog(messages=int(row[0]), oldest_written_at=row[1], oldest_age_seconds=row[2])

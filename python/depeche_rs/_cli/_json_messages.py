@@ -1,10 +1,15 @@
-"""Messages as raw JSON objects, for `depeche-rs project` run without `--serializer`.
+"""The engine's `resolve` callbacks of `depeche-rs project`, and messages as raw JSON
+objects for when it runs without `--serializer`.
 
 The projector needs a message's time only for rows written without one (depeche-db's own
 write function does not record it), and a deserialized message only for a Python
 partitioner. Without the application's serializer, a message is its JSON object, and its
 time is read from the first of a list of fields that holds an ISO 8601 string (or Unix
 seconds); when none does, the row's `added_at` (the time it was written) stands in.
+
+A message that cannot be read raises `PoisonMessageError`, naming the store, its stream,
+version, global position and id, so that the operator can fix it (with `--serializer`,
+the `StreamProjector`'s own resolve, which the CLI then uses, does the same).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import json as _json
 import uuid as _uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from .. import _names
+from .._exceptions import PoisonMessageError
 
 DEFAULT_TIME_FIELDS: tuple[str, ...] = (
     "occurred_at",
@@ -129,7 +137,31 @@ class JsonSerializer:
         return JsonMessage(message, self.time_fields)
 
 
-def json_resolver(python_resolve: Resolve, time_fields: Sequence[str]) -> Resolve:
+def _one_line(exc: BaseException) -> str:
+    # Validation errors span lines; a log line must not.
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def poison_message(store: str, row: Row, why: str) -> PoisonMessageError:
+    """The error for the message of engine row `row` (id bytes, stream, version, global
+    position, added_at, occurred_at, body) that cannot be read, `why`."""
+    message_id = _uuid.UUID(bytes=bytes(row[0]))
+    stream, version, position = str(row[1]), int(row[2]), int(row[3])
+    return PoisonMessageError(
+        f"message {message_id} of store {store!r}, stream {stream!r}, version {version}, "
+        f"global position {position} {why}. Its batch was not projected and the projector "
+        "stops at it until it is fixed: correct its body, record its time (UPDATE "
+        f"{_names.message_table(store)} SET occurred_at = '<timestamptz>' WHERE message_id = "
+        f"'{message_id}'), or delete it",
+        store=store,
+        stream=stream,
+        version=version,
+        global_position=position,
+        message_id=message_id,
+    )
+
+
+def json_resolver(python_resolve: Resolve, time_fields: Sequence[str], store: str) -> Resolve:
     """The engine's `resolve` callback for raw JSON messages.
 
     Times missing from a row are taken from the JSON (or `added_at`) here, so that
@@ -143,7 +175,10 @@ def json_resolver(python_resolve: Resolve, time_fields: Sequence[str]) -> Resolv
         for row in rows:
             occurred_at = row[5]
             if occurred_at is None:
-                body = _json.loads(row[6]) if row[6] is not None else {}
+                try:
+                    body = _json.loads(row[6]) if row[6] is not None else {}
+                except ValueError as exc:
+                    raise poison_message(store, row, f"is not JSON: {_one_line(exc)}") from exc
                 found = message_time(body, fields) if isinstance(body, dict) else None
                 occurred_at = found if found is not None else row[4]
             filled.append((*row[:5], occurred_at, row[6]))

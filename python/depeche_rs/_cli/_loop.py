@@ -5,8 +5,11 @@ Batches of different streams take turns in slices of `_SLICE_S`, so that one str
 catch-up does not hold back another's live messages for long. A lost projector
 connection is retried with exponential backoff (the server rolls back an interrupted
 batch, so nothing is half-written); a lost control connection pauses projecting until it
-is back and the lock is taken again; errors that a retry cannot fix end the loop with
-status 1.
+is back and the lock is taken again. A batch failing with an error that a retry cannot
+fix (see `_stuck`) makes its stream stuck: logged once, recorded in the registry for
+`status`, retried every poll interval while the other streams go on. The loop ends with
+status 1 only when every stream of the process is stuck (or, with `--once`, when one
+is).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import time
 import psycopg
 
 from .. import _native
-from .._exceptions import DatabaseConnectionError, DatabaseError, MissingTablesError
-from . import _catalog
+from .._exceptions import DatabaseConnectionError, DatabaseError
+from . import _catalog, _stuck
 from ._config import ProjectSettings, StreamSpec
 from ._control import Backoff, ControlConnection
 from ._json_messages import Resolve
@@ -39,10 +42,6 @@ _BACKLOG_INTERVAL_S = 30.0
 # SQLSTATE classes a retry can fix: transaction rollback (serialization failure,
 # deadlock), insufficient resources, and a cancelled statement (statement_timeout).
 _TRANSIENT_SQLSTATES = ("40", "53", "57014")
-
-
-class Fatal(Exception):
-    """An error no retry can fix; the process exits with status 1."""
 
 
 @dataclasses.dataclass
@@ -67,6 +66,7 @@ class ProjectedStream:
     progress: CatchUpProgress | None = None
     projected_total: int = 0
     backoff: Backoff = dataclasses.field(default_factory=Backoff)
+    stuck: _stuck.StuckState = dataclasses.field(default_factory=_stuck.StuckState)
 
     @property
     def name(self) -> str:
@@ -102,6 +102,9 @@ class ProjectLoop:
         self._control_backoff = Backoff()
         self._control_retry_at = 0.0
         self._control_lost_since: float | None = None
+        self.stuck_streams = _stuck.StuckStreams(
+            metrics, control, self._control_lost, self.poll, others=len(streams) > 1
+        )
 
     # -- the loop -------------------------------------------------------------------
 
@@ -119,21 +122,19 @@ class ProjectLoop:
                 if self.stop.requested:
                     break
                 if stream.leader and stream.pending and time.monotonic() >= stream.retry_at:
-                    try:
-                        self._work(stream)
-                    except Fatal as exc:
-                        event(logging.ERROR, "error", str(exc), stream=stream.name)
-                        return 1
+                    self._work(stream)
             if self.settings.once and all(s.finished for s in self.streams):
-                standing_by = [s.name for s in self.streams if not s.caught_up]
-                others = f"; left to another instance: {', '.join(standing_by)}"
+                return self._done()
+            stuck = [s.name for s in self.streams if s.stuck.cause is not None]
+            if stuck and len(stuck) == len(self.streams):
                 event(
-                    logging.INFO,
-                    "done",
-                    "caught up" + (others if standing_by else " everywhere") + "; exiting (--once)",
-                    standby=standing_by,
+                    logging.ERROR,
+                    "error",
+                    f"every aggregated stream of this process is stuck ({', '.join(stuck)}); "
+                    "exiting with status 1 (restarting retries them)",
+                    stuck=stuck,
                 )
-                return 0
+                return 1
             self._wait()
         event(
             logging.INFO,
@@ -143,6 +144,26 @@ class ProjectLoop:
             signal=self.stop.signal_name,
         )
         return 0
+
+    def _done(self) -> int:
+        """`--once`: every stream is caught up, left to another instance, or stuck."""
+        stuck = [s.name for s in self.streams if s.stuck.cause is not None]
+        standing_by = [s.name for s in self.streams if not s.caught_up and s.stuck.cause is None]
+        parts = []
+        if standing_by:
+            parts.append(f"left to another instance: {', '.join(standing_by)}")
+        if stuck:
+            parts.append(f"stuck: {', '.join(stuck)}")
+        text = "caught up" + ("; " + "; ".join(parts) if parts else " everywhere")
+        status = 1 if stuck else 0
+        event(
+            logging.ERROR if stuck else logging.INFO,
+            "done",
+            f"{text}; exiting (--once) with status {status}",
+            standby=standing_by,
+            stuck=stuck,
+        )
+        return status
 
     def _wait(self) -> None:
         now = time.monotonic()
@@ -289,17 +310,17 @@ class ProjectLoop:
             except DatabaseConnectionError as exc:
                 self._projector_failed(stream, exc, lost=True)
                 return
-            except MissingTablesError as exc:
-                raise Fatal(f"{stream.name}: {exc}") from exc
             except DatabaseError as exc:
                 if (exc.sqlstate or "").startswith(_TRANSIENT_SQLSTATES):
                     self._projector_failed(stream, exc, lost=False)
                     return
-                raise Fatal(f"{stream.name}: the batch failed: {exc}") from exc
+                self._stuck(stream, exc)
+                return
             except Exception as exc:
-                # A failing partitioner or serializer, a message the serializer cannot
-                # read: the same batch would fail again.
-                raise Fatal(f"{stream.name}: the batch failed and was not written: {exc}") from exc
+                # A message the serializer cannot read, a failing partitioner, an unsafe
+                # sequence, tables dropped: the same batch would fail again.
+                self._stuck(stream, exc)
+                return
             took = time.monotonic() - started
             if stream.lost_since is not None:
                 self._reconnected(stream)
@@ -308,6 +329,10 @@ class ProjectLoop:
                 self._table_locked(stream)
                 return
             stream.table_locked = False
+            if stream.stuck.unsettled:
+                self.stuck_streams.went_through(stream.spec, stream.stuck)
+                if not stream.leader:
+                    return  # the control connection went down with the lock
             self.metrics.last_batch.set(stream.labels, time.time())
             if projected:
                 stream.projected_total += projected
@@ -390,6 +415,17 @@ class ProjectLoop:
             retry_in=round(delay, 2),
         )
 
+    def _stuck(self, stream: ProjectedStream, exc: Exception) -> None:
+        """The batch failed in a way no retry fixes: retry it every poll interval (the
+        operator may fix the cause meanwhile) while the other streams go on."""
+        stream.retry_at = time.monotonic() + self.poll
+        stream.pending = True
+        if self.settings.once:
+            stream.finished = True
+        if stream.progress is not None:
+            stream.progress.finish()
+        self.stuck_streams.failed(stream.spec, stream.stuck, exc)
+
     def _reconnected(self, stream: ProjectedStream) -> None:
         assert stream.lost_since is not None
         down = time.monotonic() - stream.lost_since
@@ -414,6 +450,8 @@ class ProjectLoop:
             stream.leader = False
             stream.next_lock_attempt = 0.0
             self.metrics.lock_holder.set(stream.labels, 0)
+            # Stuck as the active instance only: a standby's series must not add up.
+            self.metrics.stuck.set(stream.labels, 0)
         if self._control_lost_since is None:
             self._control_lost_since = now
         delay = self._control_backoff.next_delay()

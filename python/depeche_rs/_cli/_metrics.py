@@ -189,6 +189,12 @@ class ProjectorMetrics:
             "Connections re-established after being lost ('listen' is the LISTEN/lock one).",
             ["connection"],
         )
+        self.stuck = Gauge(
+            "depeche_rs_stuck",
+            "1 while the stream's batches fail with an error no retry fixes (a message the "
+            "serializer cannot read, a failing partitioner, ...) on this active instance.",
+            ["stream"],
+        )
         self._all: list[_Metric] = [
             self.projected,
             self.backlog,
@@ -196,6 +202,7 @@ class ProjectorMetrics:
             self.last_batch,
             self.lock_holder,
             self.reconnects,
+            self.stuck,
         ]
 
     def add_stream(self, stream: str) -> None:
@@ -205,6 +212,7 @@ class ProjectorMetrics:
         self.batch_duration.touch(labels)
         self.lock_holder.set(labels, 0)
         self.reconnects.touch(labels)
+        self.stuck.set(labels, 0)
 
     def render(self) -> str:
         """The whole exposition text."""

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from .. import _names, _native
 from .._connection import to_engine
-from .._exceptions import DatabaseConnectionError, DatabaseError
+from .._exceptions import DatabaseConnectionError, DatabaseError, UnsafeSequenceError
 from .._message_store import MessageStore
 from .._projector import like_to_regex
 from . import _catalog
@@ -64,7 +64,7 @@ def _open_streams(settings: ProjectSettings, engine: sa.Engine) -> list[Projecte
         resolve = (
             python_resolve
             if spec.serializer_obj is not None
-            else json_resolver(python_resolve, spec.time_fields)
+            else json_resolver(python_resolve, spec.time_fields, spec.store)
         )
         native = _native.Projector(
             store.dsn,
@@ -137,6 +137,10 @@ def run_project(settings: ProjectSettings) -> int:
             return 1
         except (DatabaseError, sa.exc.DBAPIError) as exc:
             event(logging.ERROR, "error", f"cannot create the tables: {exc}")
+            return 1
+        except UnsafeSequenceError as exc:
+            fix = f"; fix: {exc.fix}" if exc.fix else ""
+            event(logging.ERROR, "error", f"cannot start: {exc}{fix}", sequence=exc.sequence)
             return 1
         finally:
             # Only needed to create what was missing; the engine keeps its own connections.

@@ -7,6 +7,8 @@ All figures come from one REPEATABLE READ snapshot, so they agree with each othe
   neither shows no backlog (nothing says which origin streams it follows). Messages are
   the sum of the partitions' max positions + 1 (positions are gapless); the backlog is
   `_catalog.backlog`.
+- A stream is stuck when `depeche-rs project` recorded in the registry that its batches
+  fail with an error no retry fixes; `--check` makes that exit status 3.
 - Subscriptions are the rows of the `depeche_subscriptions_*` tables. The state does not
   name its aggregated stream: `--subscription NAME=STREAM` does, else the stream is the
   only one whose partitions and positions can hold that state. Lag per partition is the
@@ -21,16 +23,20 @@ import dataclasses
 import datetime as _dt
 import json
 import sys
+import uuid as _uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
 
 import psycopg
 import psycopg.errors
 
-from . import _catalog
+from . import _catalog, _stuck
 from ._config import ConfigError, read_toml, resolve_dsn, shown_dsn, stream_specs
 
 T = TypeVar("T")
+
+# `status --check`: the figures were read, and an aggregated stream is stuck.
+EXIT_STUCK = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,8 @@ class StreamStatus:
     oldest_unprojected_written_at: _dt.datetime | None
     oldest_unprojected_age_seconds: float | None
     projector: _catalog.LockHolder | None
+    registered: bool = False
+    stuck: _catalog.Stuck | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +159,8 @@ def collect(
                 oldest_unprojected_written_at=measured.oldest_written_at if measured else None,
                 oldest_unprojected_age_seconds=measured.oldest_age_seconds if measured else None,
                 projector=_catalog.lock_holder(conn, name),
+                registered=name in registry,
+                stuck=registry[name].stuck if name in registry else None,
             )
         )
 
@@ -208,6 +218,8 @@ def collect(
 def _json_value(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         return value.isoformat()
+    if isinstance(value, _uuid.UUID):
+        return str(value)
     if isinstance(value, _catalog.LockHolder):
         return {
             "application_name": value.application_name,
@@ -255,8 +267,28 @@ def _table(header: Sequence[str], rows: list[Sequence[str]], right: set[int]) ->
     return lines
 
 
+def _state(stream: StreamStatus) -> str:
+    if stream.stuck is not None:
+        return "STUCK for " + _age(stream.stuck.age_seconds).removesuffix(" ago")
+    # Only `depeche-rs project` records a stuck stream: of others, nothing is known.
+    return "ok" if stream.registered else "-"
+
+
+def _stuck_lines(streams: list[StreamStatus]) -> list[str]:
+    lines = []
+    for s in streams:
+        if s.stuck is None:
+            continue
+        since = s.stuck.since.strftime("%Y-%m-%d %H:%M:%S %Z").strip() if s.stuck.since else "?"
+        at = _stuck.where(s.stuck, s.store)
+        lines.append(
+            f"{s.name} is STUCK since {since}" + (f" at {at}" if at else "") + f": {s.stuck.error}"
+        )
+    return lines
+
+
 def render_text(streams: list[StreamStatus], subscriptions: list[SubscriptionStatus]) -> str:
-    """The figures as two tables for people."""
+    """The figures as two tables for people (and a line per stuck stream)."""
     lines: list[str] = []
     if streams:
         rows: list[Sequence[str]] = []
@@ -270,16 +302,18 @@ def render_text(streams: list[StreamStatus], subscriptions: list[SubscriptionSta
                     f"{s.backlog:,}" if s.backlog is not None else "unknown",
                     _age(s.oldest_unprojected_age_seconds),
                     s.projector.describe() if s.projector else "none active",
+                    _state(s),
                 )
             )
         header: tuple[str, ...] = ("AGGREGATED STREAM", "STORE", "PARTITIONS", "MESSAGES")
-        header += ("BACKLOG", "OLDEST UNPROJECTED", "PROJECTOR")
+        header += ("BACKLOG", "OLDEST UNPROJECTED", "PROJECTOR", "STATE")
         lines += _table(header, rows, right={2, 3, 4})
         if any(s.backlog is None for s in streams):
             lines.append(
                 "(backlog unknown: no wildcards recorded for the stream; run `depeche-rs "
                 "project` for it once, or pass --config)"
             )
+        lines += _stuck_lines(streams)
     else:
         lines.append("no aggregated streams")
     lines.append("")
@@ -324,4 +358,6 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 1
     text = render_json(streams, subscriptions) if args.json else render_text(streams, subscriptions)
     print(text, file=out)
+    if args.check and any(s.stuck is not None for s in streams):
+        return EXIT_STUCK
     return 0
