@@ -29,7 +29,8 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;"""
 
-RESET_CURSOR_FUNCTION = """CREATE OR REPLACE FUNCTION depeche_rs_reset_cursor() RETURNS trigger AS $$
+RESET_CURSOR_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_reset_cursor() RETURNS trigger AS $$
 BEGIN
   EXECUTE format('DELETE FROM %I.%I', TG_TABLE_SCHEMA, TG_ARGV[0]);
   RETURN NULL;
@@ -201,6 +202,10 @@ CREATE TABLE IF NOT EXISTS {maxpos} (
     partition integer PRIMARY KEY,
     max_position bigint NOT NULL
 );
+-- Every batch updates the row of each partition it touches. Room on each page keeps
+-- those updates HOT (no new index entry, a short in-page chain) even while a transaction
+-- held open anywhere in the cluster keeps the dead versions from being pruned.
+ALTER TABLE {maxpos} SET (fillfactor = 10);
 -- One cursor per wildcard (docs/projector.md). The single-row cursor of schema 1 knew
 -- nothing of wildcards: it is dropped, and the next batch rescans from the start (the
 -- primary key makes that harmless).
