@@ -455,3 +455,44 @@ def test_an_older_registry_gains_the_stuck_columns_once_even_with_concurrent_sta
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_migrate_reset_cursors_projects_rows_restored_with_triggers_disabled(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, run: Run
+) -> None:
+    """A data-only restore with triggers (and our check) disabled can bring rows whose
+    `tx` comes from another cluster below the cursor; `--reset-cursors` is the remedy the
+    docs name, and it re-projects nothing twice."""
+    stream = store.aggregated_stream(stream_name, StreamHashPartitioner(2), ["acc-%"])
+    _write(store, streams=3, per_stream=2)
+    assert stream.projector.update_full().n_updated_messages == 6
+    msgs = f"depeche_msgs_{store.name}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {msgs} DISABLE TRIGGER depeche_rs_stamp_tx")
+        conn.exec_driver_sql(f"ALTER TABLE {msgs} DROP CONSTRAINT depeche_rs_tx_is_local")
+        conn.exec_driver_sql(
+            f"INSERT INTO {msgs} (message_id, stream, version, message, occurred_at, "
+            "global_position, tx) VALUES (gen_random_uuid(), 'acc-restored', 1, '{}', now(), "
+            "0, '3')"
+        )
+        conn.exec_driver_sql(f"ALTER TABLE {msgs} ENABLE ALWAYS TRIGGER depeche_rs_stamp_tx")
+    # Its position and its forged id are both below the cursor: invisible to the probe.
+    assert stream.projector.update_full().n_updated_messages == 0
+
+    result = run(
+        "migrate", "--dsn", dsn, "--store", store.name, "--stream", stream_name,
+        "--reset-cursors", "--apply",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _scalar(engine, f"SELECT count(*) FROM depeche_stream_{stream_name}_cursor") == 0
+    assert (
+        _scalar(
+            engine,
+            f"SELECT count(*) FROM pg_constraint WHERE conname = 'depeche_rs_tx_is_local' "
+            f"AND conrelid = '{msgs}'::regclass",
+        )
+        == 1
+    )  # the migration put the check back
+    assert stream.projector.update_full().n_updated_messages == 1
+    rows = check_invariants(engine, store.name, stream_name, "acc-%")
+    assert len(rows) == 7

@@ -29,7 +29,7 @@ pub struct OriginRow {
 
 /// Invariant (I) of one wildcard: every message matching it that was visible in
 /// `snapshot` and has a global position `<= position` is in the aggregated stream.
-/// `snapshot: None` means nothing is known yet (only `position == 0` is valid then).
+/// `snapshot: None` means nothing is known yet: `position` is then below every row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     /// Global position `C`.
@@ -39,11 +39,12 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    /// The cursor of a wildcard never projected: everything lies above it.
+    /// The cursor of a wildcard never projected: everything lies above it, including
+    /// rows written with explicit positions of 0 or below.
     #[must_use]
-    pub fn start() -> Self {
+    pub fn start(lowest_visible: Option<i64>) -> Self {
         Self {
-            position: 0,
+            position: lowest_visible.map_or(0, |m| m.saturating_sub(1).min(0)),
             snapshot: None,
         }
     }
@@ -93,6 +94,7 @@ pub fn group_cursors(
     wildcards: &[String],
     stored: &[StoredCursor],
     here: CursorHome,
+    lowest_visible: Option<i64>,
 ) -> Vec<CursorGroup> {
     let by_wildcard: HashMap<&str, &StoredCursor> =
         stored.iter().map(|s| (s.wildcard.as_str(), s)).collect();
@@ -100,7 +102,7 @@ pub fn group_cursors(
     for wildcard in wildcards {
         let (cursor, rewrite) = match by_wildcard.get(wildcard.as_str()) {
             Some(s) if s.home == here => (s.cursor.clone(), false),
-            _ => (Cursor::start(), true),
+            _ => (Cursor::start(lowest_visible), true),
         };
         match groups
             .iter_mut()
@@ -329,14 +331,25 @@ mod tests {
             &wildcards,
             &[stored("a-%", 40, HERE), stored("b-%", 40, HERE)],
             HERE,
+            Some(1),
         );
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].wildcards, vec!["c-%"]);
-        assert_eq!(groups[0].cursor, Cursor::start());
+        assert_eq!(groups[0].cursor, Cursor::start(Some(1)));
+        assert_eq!(groups[0].cursor.position, 0);
         assert!(groups[0].rewrite);
         assert_eq!(groups[1].wildcards, vec!["a-%", "b-%"]);
         assert_eq!(groups[1].cursor.position, 40);
         assert!(!groups[1].rewrite);
+    }
+
+    #[test]
+    fn a_new_cursor_starts_below_rows_with_explicit_low_positions() {
+        assert_eq!(Cursor::start(Some(-5)).position, -6);
+        assert_eq!(Cursor::start(Some(0)).position, -1);
+        assert_eq!(Cursor::start(Some(700)).position, 0);
+        assert_eq!(Cursor::start(None).position, 0);
+        assert_eq!(Cursor::start(Some(i64::MIN)).position, i64::MIN);
     }
 
     #[test]
@@ -352,8 +365,8 @@ mod tests {
                 ..HERE
             },
         ] {
-            let groups = group_cursors(&wildcards, &[stored("a-%", 40, elsewhere)], HERE);
-            assert_eq!(groups[0].cursor, Cursor::start());
+            let groups = group_cursors(&wildcards, &[stored("a-%", 40, elsewhere)], HERE, None);
+            assert_eq!(groups[0].cursor, Cursor::start(None));
             assert!(groups[0].rewrite);
         }
     }

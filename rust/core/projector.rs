@@ -208,6 +208,7 @@ impl Projector {
         let state = state.map_err(|e| Error::from_pg("reading the database's state", e))?;
         let stored = stored.map_err(|e| Error::from_pg("reading the projector cursors", e))?;
         check_sequence(&t.sequence, state.get(4), state.get(5))?;
+        let lowest_visible: Option<i64> = state.get(6);
         let state = State {
             snapshot: state.get(0),
             max_visible: state.get(1),
@@ -230,7 +231,7 @@ impl Projector {
                 },
             })
             .collect();
-        let groups = group_cursors(wildcards, &stored, state.home);
+        let groups = group_cursors(wildcards, &stored, state.home, lowest_visible);
 
         let mut fetched = Vec::with_capacity(groups.len());
         for group in &groups {

@@ -13,7 +13,7 @@ pub fn begin(t: &TableNames) -> String {
 }
 
 /// What the batch needs to know about the database, read in its snapshot: the
-/// snapshot itself, the highest visible global position, where cursors are written (the
+/// snapshot itself, the highest and lowest visible global positions, where cursors are written (the
 /// cluster's identity, whose transaction ids the snapshot holds, and the aggregated
 /// table's OID), and the settings of the store's sequence.
 ///
@@ -25,7 +25,8 @@ pub fn read_state(t: &TableNames) -> String {
                 (SELECT max(global_position)::int8 FROM {msgs}), \
                 CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') \
                      THEN (SELECT system_identifier FROM pg_control_system()) END, \
-                '{agg}'::regclass::oid::int8, s.seqcache, s.seqincrement \
+                '{agg}'::regclass::oid::int8, s.seqcache, s.seqincrement, \
+                (SELECT min(global_position)::int8 FROM {msgs}) \
          FROM (SELECT 1) AS one LEFT JOIN pg_sequence AS s ON s.seqrelid = to_regclass($1::text)",
         msgs = t.messages,
         agg = t.stream,

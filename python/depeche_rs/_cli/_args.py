@@ -135,6 +135,15 @@ def _add_migrate(commands: Any) -> None:
         metavar="NAME",
         help="subscription state table name (repeatable)",
     )
+    p.add_argument(
+        "--reset-cursors",
+        action="store_true",
+        help=(
+            "also forget the projector cursors of the --stream aggregated streams, so their "
+            "next projection rescans the store from the start (after restoring rows with "
+            "triggers disabled; projects only what is missing)"
+        ),
+    )
     p.add_argument("--apply", action="store_true", help="apply it instead of printing it")
 
 

@@ -2,8 +2,9 @@
 
 The script is the one `AggregatedStream.get_migration_ddl` and friends return: idempotent
 (running it on objects already at our layout changes nothing) and additive. It runs in one
-transaction, under the same advisory locks as the library's own table creation, so it is
-safe while applications start up.
+transaction, under the same advisory lock as the library's own table creation, so it is
+safe while applications start up. `--reset-cursors` adds a `DELETE` of the streams'
+projector cursors (docs/projector.md, assumption A2).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from typing import TextIO
 
 import psycopg
 
-from .. import _migrations, _names
+from .. import _migrations, _names, _schema
 from .._exceptions import InvalidNameError
 from ._config import ConfigError, resolve_dsn, shown_dsn
 
 
-def _lock(key: str) -> str:
-    # The keys `_schema` takes while creating the same objects.
-    return f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{key}'));"
+# The lock `_schema` takes while creating the same objects.
+_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{_schema.DDL_LOCK_KEY}'));"
 
 
-def migration_script(store: str, streams: list[str], subscriptions: list[str]) -> str:
+def migration_script(
+    store: str, streams: list[str], subscriptions: list[str], reset_cursors: bool = False
+) -> str:
     """The whole script, without BEGIN/COMMIT."""
     try:
         _names.validate_name(store, "store name")
@@ -34,21 +36,17 @@ def migration_script(store: str, streams: list[str], subscriptions: list[str]) -
             _names.validate_name(name, "subscription state name")
     except InvalidNameError as exc:
         raise ConfigError(str(exc)) from exc
-    parts = [
-        f"-- store {store}",
-        _lock("store:" + store),
-        _migrations.store_migration_ddl(store).strip(),
-    ]
+    parts = [_LOCK, f"-- store {store}", _migrations.store_migration_ddl(store).strip()]
     for stream in streams:
         parts += [
             f"-- aggregated stream {stream}",
-            _lock("stream:" + stream),
             _migrations.stream_migration_ddl(stream, store).strip(),
         ]
+        if reset_cursors:
+            parts.append(f"DELETE FROM {_names.cursor_table(stream)};")
     for name in subscriptions:
         parts += [
             f"-- subscription state {name}",
-            _lock(_names.subscription_table(name)),
             _migrations.subscription_migration_ddl(name).strip(),
         ]
     return "\n\n".join(parts) + "\n"
@@ -59,7 +57,7 @@ def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     streams = list(dict.fromkeys(args.stream or []))
     subscriptions = list(dict.fromkeys(args.subscription or []))
-    script = migration_script(args.store, streams, subscriptions)
+    script = migration_script(args.store, streams, subscriptions, args.reset_cursors)
     if not args.apply:
         # A printed script is for psql: one transaction, all or nothing.
         print(
