@@ -19,7 +19,6 @@ from .. import _migrations, _names, _schema
 from .._exceptions import InvalidNameError
 from ._config import ConfigError, resolve_dsn, shown_dsn
 
-
 # The lock `_schema` takes while creating the same objects.
 _LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{_schema.DDL_LOCK_KEY}'));"
 
