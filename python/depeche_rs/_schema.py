@@ -88,7 +88,7 @@ CREATE TRIGGER depeche_rs_stamp_tx BEFORE INSERT OR UPDATE ON {t}
 ALTER TABLE {t} ENABLE ALWAYS TRIGGER depeche_rs_stamp_tx;
 ALTER TABLE {t} DROP CONSTRAINT IF EXISTS depeche_rs_tx_is_local;
 ALTER TABLE {t} ADD CONSTRAINT depeche_rs_tx_is_local
-  CHECK (tx = pg_current_xact_id()) NOT VALID;
+  CHECK (tx IS NOT DISTINCT FROM pg_current_xact_id()) NOT VALID;
 -- Per-stream version order needs global positions drawn in commit order within a
 -- stream: no per-session caching of sequence values (assumption A3).
 ALTER SEQUENCE {seq} CACHE 1;

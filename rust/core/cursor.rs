@@ -165,8 +165,9 @@ pub fn merge(
     max_visible: Option<i64>,
 ) -> MergedBatch {
     let mut bounds: Vec<Option<i64>> = Vec::with_capacity(groups.len());
-    let mut all: Vec<(usize, OriginRow)> = Vec::new();
-    for (index, rows) in fetched.into_iter().enumerate() {
+    let mut highest: Vec<Option<i64>> = Vec::with_capacity(groups.len());
+    let mut all: Vec<OriginRow> = Vec::new();
+    for rows in fetched {
         let mut bound: Option<i64> = None;
         for (full, part) in [(rows.above_full, &rows.above), (rows.late_full, &rows.late)] {
             if let (true, Some(last)) = (full, part.last()) {
@@ -174,19 +175,28 @@ pub fn merge(
             }
         }
         bounds.push(bound);
-        all.extend(rows.above.into_iter().map(|r| (index, r)));
-        all.extend(rows.late.into_iter().map(|r| (index, r)));
+        highest.push(
+            rows.above
+                .iter()
+                .chain(&rows.late)
+                .map(|r| r.global_position)
+                .max(),
+        );
+        all.extend(rows.above);
+        all.extend(rows.late);
     }
-    all.sort_by_key(|(_, r)| r.global_position);
+    all.sort_by_key(|r| r.global_position);
     // Overlapping wildcards in different groups return the same row twice.
-    all.dedup_by(|a, b| a.1.message_id == b.1.message_id);
+    all.dedup_by(|a, b| a.message_id == b.message_id);
 
-    let cut = all.get(limit).map(|(_, r)| r.global_position);
-    let mut left_out = vec![false; groups.len()];
-    for (index, _) in all.iter().skip(limit) {
-        left_out[*index] = true;
-    }
+    // The first row left out. A group lost rows to the cut if it returned any row at or
+    // after it, whichever group's copy of a shared row survived the deduplication.
+    let cut = all.get(limit).map(|r| r.global_position);
     all.truncate(limit);
+    let left_out: Vec<bool> = highest
+        .iter()
+        .map(|h| matches!((h, cut), (Some(h), Some(c)) if *h >= c))
+        .collect();
 
     let mut more = false;
     let positions = groups
@@ -212,10 +222,9 @@ pub fn merge(
         })
         .collect();
 
-    let mut rows: Vec<OriginRow> = all.into_iter().map(|(_, r)| r).collect();
-    restore_version_order(&mut rows);
+    restore_version_order(&mut all);
     MergedBatch {
-        rows,
+        rows: all,
         positions,
         more,
     }
@@ -451,6 +460,32 @@ mod tests {
         let m = merge(&groups, fetched, 100, 10, Some(6));
         assert_eq!(m.rows.len(), 2);
         assert_eq!(m.positions, [6, 6]);
+    }
+
+    #[test]
+    fn a_shared_row_left_out_holds_back_every_group_that_returned_it() {
+        // acc-% (at 1) and %-1 (new) both return acc-1 at 4, which the cut leaves out;
+        // the deduplication keeps %-1's copy, yet acc-%'s cursor must stay below it too.
+        let groups = [group(&["%-1"], 0), group(&["acc-%"], 1)];
+        let fetched = vec![
+            GroupRows {
+                above: vec![row(2, "loan-1", 1), row(4, "acc-1", 1)],
+                above_full: true,
+                ..GroupRows::default()
+            },
+            GroupRows {
+                above: vec![row(3, "acc-2", 1), row(4, "acc-1", 1)],
+                above_full: true,
+                ..GroupRows::default()
+            },
+        ];
+        let m = merge(&groups, fetched, 1024, 2, Some(4));
+        assert_eq!(
+            m.rows.iter().map(|r| r.global_position).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(m.positions, [3, 3]);
+        assert!(m.more);
     }
 
     #[test]
