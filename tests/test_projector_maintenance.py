@@ -217,6 +217,23 @@ def test_versions_drawn_from_a_cached_sequence_are_projected_in_version_order(
     assert_projection(engine, store.name, stream_name, ["acc-%"])
 
 
+def test_a_huge_gap_in_global_positions_is_crossed_in_a_few_batches(
+    store: Store, stream_name: str, engine: sa.Engine
+) -> None:
+    # A `setval` far ahead (or deleted history) leaves 2**40 positions with no row; the
+    # cursor jumps to below the next visible row instead of crossing the gap window by
+    # window (2**16 batches of the widest window).
+    agg = _aggregate(store, stream_name, ["acc-%"])
+    write(store, "acc-1", "loan-1")
+    assert agg.projector.update_full() == (1, False)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"SELECT setval('{_sequence(store)}', 1099511627776)")
+    write(store, "loan-2", "acc-1")
+    batches = [agg.projector.update_batch() for _ in range(3)]
+    assert batches == [(0, True), (1, False), (0, False)]
+    assert_projection(engine, store.name, stream_name, ["acc-%"])
+
+
 # -- a message that cannot be decoded -------------------------------------------------------
 
 

@@ -80,6 +80,7 @@ struct Statements {
     read_cursors: Statement,
     candidates_above: Statement,
     candidates_late: Statement,
+    next_position: Statement,
     read_positions: Statement,
     insert_rows: Statement,
     upsert_positions: Statement,
@@ -128,11 +129,12 @@ impl Projector {
                     .map_err(|e| Error::from_pg("preparing the projector's statements", e))
             }
         };
-        let (read_state, read_cursors, candidates_above, candidates_late) = tokio::try_join!(
+        let (read_state, read_cursors, candidates_above, candidates_late, next_position) = tokio::try_join!(
             prepare(sql::read_state(t)),
             prepare(sql::read_cursors(t)),
             prepare(sql::candidates_above(t)),
             prepare(sql::candidates_late(t)),
+            prepare(sql::next_position(t)),
         )?;
         let (read_positions, insert_rows, upsert_positions, upsert_cursors) = tokio::try_join!(
             prepare(sql::read_positions(t)),
@@ -145,6 +147,7 @@ impl Projector {
             read_cursors,
             candidates_above,
             candidates_late,
+            next_position,
             read_positions,
             insert_rows,
             upsert_positions,
@@ -238,7 +241,27 @@ impl Projector {
             fetched.push(self.fetch_group(st, group, &state.snapshot).await?);
         }
         let limit = self.config.batch_size;
-        let merged = merge(&groups, fetched, self.window, limit, state.max_visible);
+        let empty_windows: Vec<bool> = fetched.iter().map(|f| f.above.is_empty()).collect();
+        let mut merged = merge(&groups, fetched, self.window, limit, state.max_visible);
+        for ((group, position), empty) in
+            groups.iter().zip(&mut merged.positions).zip(empty_windows)
+        {
+            let end = group.cursor.position.saturating_add(self.window);
+            if empty && *position == end && state.max_visible.is_some_and(|m| m > end) {
+                // An empty stretch of global positions (a `setval`, deleted history):
+                // nothing visible lies between the window's end and the next visible row,
+                // so the cursor moves to just below it instead of crossing window by window.
+                let next: Option<i64> = self
+                    .client
+                    .query_one(&st.next_position, &[&end])
+                    .await
+                    .map_err(|e| Error::from_pg("looking for the next message", e))?
+                    .get(0);
+                if let Some(next) = next {
+                    *position = (next - 1).max(end);
+                }
+            }
+        }
 
         let mut cursor_wildcards = Vec::with_capacity(wildcards.len());
         let mut cursor_positions = Vec::with_capacity(wildcards.len());

@@ -104,6 +104,14 @@ pub fn candidates_late(t: &TableNames) -> String {
     )
 }
 
+/// The lowest visible global position above `$1`.
+pub fn next_position(t: &TableNames) -> String {
+    format!(
+        "SELECT min(global_position)::int8 FROM {} WHERE global_position > $1::int8",
+        t.messages
+    )
+}
+
 /// Current max position of the given partitions.
 pub fn read_positions(t: &TableNames) -> String {
     format!(
