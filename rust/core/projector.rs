@@ -81,9 +81,8 @@ struct Statements {
     candidates_above: Statement,
     candidates_late: Statement,
     next_position: Statement,
-    read_positions: Statement,
+    reserve_positions: Statement,
     insert_rows: Statement,
-    upsert_positions: Statement,
     upsert_cursors: Statement,
 }
 
@@ -136,10 +135,9 @@ impl Projector {
             prepare(sql::candidates_late(t)),
             prepare(sql::next_position(t)),
         )?;
-        let (read_positions, insert_rows, upsert_positions, upsert_cursors) = tokio::try_join!(
-            prepare(sql::read_positions(t)),
+        let (reserve_positions, insert_rows, upsert_cursors) = tokio::try_join!(
+            prepare(sql::reserve_positions(t)),
             prepare(sql::insert_rows(t)),
-            prepare(sql::upsert_positions(t)),
             prepare(sql::upsert_cursors(t)),
         )?;
         Ok(Statements {
@@ -148,9 +146,8 @@ impl Projector {
             candidates_above,
             candidates_late,
             next_position,
-            read_positions,
+            reserve_positions,
             insert_rows,
-            upsert_positions,
             upsert_cursors,
         })
     }
@@ -200,6 +197,49 @@ impl Projector {
                 "projector statements are not prepared".into(),
             ));
         };
+        let (state, groups) = self.read_state(st).await?;
+        let mut fetched = Vec::with_capacity(groups.len());
+        for group in &groups {
+            fetched.push(self.fetch_group(st, group, &state.snapshot).await?);
+        }
+        let limit = self.config.batch_size;
+        let empty_windows: Vec<bool> = fetched.iter().map(|f| f.above.is_empty()).collect();
+        let mut merged = merge(&groups, fetched, self.window, limit, state.max_visible);
+        self.skip_empty_stretches(st, &groups, &empty_windows, &mut merged.positions, &state)
+            .await?;
+
+        let mut cursor_wildcards = Vec::with_capacity(self.config.wildcards.len());
+        let mut cursor_positions = Vec::with_capacity(self.config.wildcards.len());
+        let mut write_cursors = !merged.rows.is_empty();
+        for (group, position) in groups.iter().zip(&merged.positions) {
+            write_cursors |= group.rewrite
+                || *position != group.cursor.position
+                || snapshot_stale(group.cursor.snapshot.as_deref(), &state.snapshot);
+            for w in &group.wildcards {
+                cursor_wildcards.push(w.clone());
+                cursor_positions.push(*position);
+            }
+        }
+        // Sparse matches (other streams in between) widen the window; dense ones keep it.
+        self.window = if merged.rows.len() < limit / 2 {
+            self.window.saturating_mul(2).min(MAX_WINDOW)
+        } else {
+            (limit as i64).clamp(MIN_WINDOW, MAX_WINDOW)
+        };
+        Ok(PendingBatch {
+            rows: merged.rows,
+            cursor_wildcards,
+            cursor_positions,
+            write_cursors,
+            snapshot: state.snapshot,
+            home: state.home,
+            more: merged.more,
+        })
+    }
+
+    /// The batch's view of the database and the configured wildcards' cursors, grouped.
+    /// Refuses an unsafe sequence before anything is read.
+    async fn read_state(&self, st: &Statements) -> Result<(State, Vec<CursorGroup>)> {
         let t = &self.config.tables;
         let wildcards = &self.config.wildcards;
         let state_params: [&(dyn ToSql + Sync); 1] = [&t.sequence];
@@ -235,61 +275,36 @@ impl Projector {
             })
             .collect();
         let groups = group_cursors(wildcards, &stored, state.home, lowest_visible);
+        Ok((state, groups))
+    }
 
-        let mut fetched = Vec::with_capacity(groups.len());
-        for group in &groups {
-            fetched.push(self.fetch_group(st, group, &state.snapshot).await?);
-        }
-        let limit = self.config.batch_size;
-        let empty_windows: Vec<bool> = fetched.iter().map(|f| f.above.is_empty()).collect();
-        let mut merged = merge(&groups, fetched, self.window, limit, state.max_visible);
-        for ((group, position), empty) in
-            groups.iter().zip(&mut merged.positions).zip(empty_windows)
-        {
+    /// An empty window with more rows beyond it (a `setval` far ahead, deleted history):
+    /// nothing visible lies between the window's end and the next visible row, so the
+    /// group's cursor moves to just below that row instead of crossing window by window.
+    async fn skip_empty_stretches(
+        &self,
+        st: &Statements,
+        groups: &[CursorGroup],
+        empty_windows: &[bool],
+        positions: &mut [i64],
+        state: &State,
+    ) -> Result<()> {
+        for ((group, position), empty) in groups.iter().zip(positions).zip(empty_windows) {
             let end = group.cursor.position.saturating_add(self.window);
-            if empty && *position == end && state.max_visible.is_some_and(|m| m > end) {
-                // An empty stretch of global positions (a `setval`, deleted history):
-                // nothing visible lies between the window's end and the next visible row,
-                // so the cursor moves to just below it instead of crossing window by window.
-                let next: Option<i64> = self
-                    .client
-                    .query_one(&st.next_position, &[&end])
-                    .await
-                    .map_err(|e| Error::from_pg("looking for the next message", e))?
-                    .get(0);
-                if let Some(next) = next {
-                    *position = (next - 1).max(end);
-                }
+            if !*empty || *position != end || state.max_visible.is_none_or(|m| m <= end) {
+                continue;
+            }
+            let next: Option<i64> = self
+                .client
+                .query_one(&st.next_position, &[&end])
+                .await
+                .map_err(|e| Error::from_pg("looking for the next message", e))?
+                .get(0);
+            if let Some(next) = next {
+                *position = (next - 1).max(end);
             }
         }
-
-        let mut cursor_wildcards = Vec::with_capacity(wildcards.len());
-        let mut cursor_positions = Vec::with_capacity(wildcards.len());
-        let mut write_cursors = !merged.rows.is_empty();
-        for (group, position) in groups.iter().zip(&merged.positions) {
-            write_cursors |= group.rewrite
-                || *position != group.cursor.position
-                || snapshot_stale(group.cursor.snapshot.as_deref(), &state.snapshot);
-            for w in &group.wildcards {
-                cursor_wildcards.push(w.clone());
-                cursor_positions.push(*position);
-            }
-        }
-        // Sparse matches (other streams in between) widen the window; dense ones keep it.
-        self.window = if merged.rows.len() < limit / 2 {
-            self.window.saturating_mul(2).min(MAX_WINDOW)
-        } else {
-            (limit as i64).clamp(MIN_WINDOW, MAX_WINDOW)
-        };
-        Ok(PendingBatch {
-            rows: merged.rows,
-            cursor_wildcards,
-            cursor_positions,
-            write_cursors,
-            snapshot: state.snapshot,
-            home: state.home,
-            more: merged.more,
-        })
+        Ok(())
     }
 
     /// Run one group's two candidate queries (pipelined).
@@ -392,30 +407,17 @@ impl Projector {
                 i32::MAX
             )));
         }
-        // Positions continue from each partition's recorded maximum.
-        let mut partitions: Vec<i64> = assignments.iter().map(|a| a.partition).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
         let Some(st) = &self.statements else {
             return Err(Error::Config(
                 "projector statements are not prepared".into(),
             ));
         };
-        let mut next: HashMap<i64, i64> = partitions.iter().map(|p| (*p, 0)).collect();
-        if !batch.rows.is_empty() {
-            for r in self
-                .client
-                .query(&st.read_positions, &[&partitions])
-                .await
-                .map_err(|e| Error::from_pg("reading partition positions", e))?
-            {
-                let p: i64 = r.get(0);
-                let max: i64 = r.get(1);
-                next.insert(p, max + 1);
-            }
-        }
-
         let n = batch.rows.len();
+        let mut next = if n > 0 {
+            self.reserve_positions(st, assignments).await?
+        } else {
+            HashMap::new()
+        };
         let mut ids = Vec::with_capacity(n);
         let mut streams = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
@@ -436,8 +438,6 @@ impl Projector {
             added.push(row.added_at);
             *slot += 1;
         }
-        let max_parts: Vec<i64> = partitions.clone();
-        let max_positions: Vec<i64> = partitions.iter().map(|p| next[p] - 1).collect();
 
         let insert = async {
             if n > 0 {
@@ -451,15 +451,6 @@ impl Projector {
                     )
                     .await
                     .map_err(|e| Error::from_pg("inserting projected messages", e))?;
-            }
-            Ok::<(), Error>(())
-        };
-        let maxpos = async {
-            if n > 0 {
-                self.client
-                    .execute(&st.upsert_positions, &[&max_parts, &max_positions])
-                    .await
-                    .map_err(|e| Error::from_pg("recording partition positions", e))?;
             }
             Ok::<(), Error>(())
         };
@@ -481,11 +472,11 @@ impl Projector {
             }
             Ok::<(), Error>(())
         };
-        // Polled together so the driver pipelines the three statements. All are awaited:
-        // once one fails the others fail with "transaction is aborted", which must not
+        // Polled together so the driver pipelines the two statements. Both are awaited:
+        // once one fails the other fails with "transaction is aborted", which must not
         // hide the first error.
-        let (inserted, positioned, moved) = tokio::join!(insert, maxpos, cursor);
-        first_real_error([inserted, positioned, moved])?;
+        let (inserted, moved) = tokio::join!(insert, cursor);
+        first_real_error([inserted, moved])?;
         self.client
             .batch_execute("COMMIT")
             .await
@@ -494,6 +485,40 @@ impl Projector {
             projected: n,
             more: batch.more,
         })
+    }
+
+    /// Reserve positions in each partition the assignments use: one upsert of
+    /// `_maxpos` that adds each partition's count and returns its new maximum. Returns
+    /// the first position of each partition. One statement instead of a read and a
+    /// write: each partition's row is found once per batch, which matters while a
+    /// transaction held open elsewhere keeps its dead versions.
+    async fn reserve_positions(
+        &self,
+        st: &Statements,
+        assignments: &[Assignment],
+    ) -> Result<HashMap<i64, i64>> {
+        let mut counts: HashMap<i64, i64> = HashMap::new();
+        for a in assignments {
+            *counts.entry(a.partition).or_insert(0) += 1;
+        }
+        let mut partitions: Vec<i64> = counts.keys().copied().collect();
+        partitions.sort_unstable();
+        let sizes: Vec<i64> = partitions.iter().map(|p| counts[p]).collect();
+        let rows = self
+            .client
+            .query(&st.reserve_positions, &[&partitions, &sizes])
+            .await
+            .map_err(|e| Error::from_pg("reserving partition positions", e))?;
+        let mut first = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let partition: i64 = r.get(0);
+            let max: i64 = r.get(1);
+            first.insert(
+                partition,
+                max - counts.get(&partition).copied().unwrap_or(0) + 1,
+            );
+        }
+        Ok(first)
     }
 
     /// Roll back an open batch; errors are ignored because the server discards the
@@ -542,7 +567,7 @@ pub enum BuiltinStep {
 }
 
 /// The first error that is not a consequence of an earlier one in the same transaction.
-fn first_real_error(results: [Result<()>; 3]) -> Result<()> {
+fn first_real_error<const N: usize>(results: [Result<()>; N]) -> Result<()> {
     let mut fallback = None;
     for result in results {
         if let Err(e) = result {

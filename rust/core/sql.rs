@@ -112,10 +112,16 @@ pub fn next_position(t: &TableNames) -> String {
     )
 }
 
-/// Current max position of the given partitions.
-pub fn read_positions(t: &TableNames) -> String {
+/// Reserve positions: `$1` partitions, `$2` how many rows each gets. Adds the counts
+/// to the partitions' maxima (a partition without a row starts at -1) and returns the
+/// new maxima, so the batch's rows take `max - count + 1 ..= max`.
+pub fn reserve_positions(t: &TableNames) -> String {
     format!(
-        "SELECT partition::int8, max_position::int8 FROM {} WHERE partition = ANY($1::int8[])",
+        "INSERT INTO {} AS m (partition, max_position) \
+         SELECT p, n - 1 FROM unnest($1::int8[], $2::int8[]) AS u(p, n) \
+         ON CONFLICT (partition) DO UPDATE \
+             SET max_position = m.max_position + EXCLUDED.max_position + 1 \
+         RETURNING m.partition::int8, m.max_position::int8",
         t.maxpos
     )
 }
@@ -128,15 +134,6 @@ pub fn insert_rows(t: &TableNames) -> String {
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[], $5::int8[], \
                               $6::timestamp[], $7::int8[], $8::timestamp[])",
         t.stream
-    )
-}
-
-/// Upsert of the per-partition max positions.
-pub fn upsert_positions(t: &TableNames) -> String {
-    format!(
-        "INSERT INTO {} (partition, max_position) SELECT * FROM unnest($1::int8[], $2::int8[]) \
-         ON CONFLICT (partition) DO UPDATE SET max_position = EXCLUDED.max_position",
-        t.maxpos
     )
 }
 
