@@ -496,3 +496,30 @@ def test_migrate_reset_cursors_projects_rows_restored_with_triggers_disabled(
     assert stream.projector.update_full().n_updated_messages == 1
     rows = check_invariants(engine, store.name, stream_name, "acc-%")
     assert len(rows) == 7
+
+
+def test_status_ignores_depeche_db_014_side_tables_under_our_prefixes(
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str, run: Run
+) -> None:
+    """depeche-db 0.14 adds `depeche_stream_<agg>_omax` (with an `origin_stream` column)
+    and `depeche_msgs_<store>_meta`; neither is an aggregated stream or a store."""
+    stream = store.aggregated_stream(stream_name, StreamHashPartitioner(2), ["acc-%"])
+    _write(store, streams=2, per_stream=2)
+    assert stream.projector.update_full() == (4, False)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE TABLE depeche_stream_{stream_name}_omax (origin_stream varchar(255) "
+            "PRIMARY KEY, max_aggregated_origin_global_position bigint NOT NULL)"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TABLE depeche_msgs_{store.name}_meta (stream varchar(255) PRIMARY KEY, "
+            "min_global_position bigint NOT NULL, max_global_position bigint NOT NULL)"
+        )
+    result = run("status", "--dsn", dsn, "--store", store.name, "--json")
+    assert result.returncode == 0, result.stderr
+    assert f"{stream_name}_omax" not in result.stdout
+    assert stream_name in result.stdout
+    with psycopg.connect(dsn) as conn:
+        assert _catalog.aggregated_streams(conn).count(stream_name) == 1
+        assert f"{stream_name}_omax" not in _catalog.aggregated_streams(conn)
+        assert f"{store.name}_meta" not in _catalog.stores(conn)

@@ -380,14 +380,17 @@ def lock_holder(conn: Conn, stream: str) -> LockHolder | None:
     return LockHolder(pid=row[0], application_name=row[1], client_addr=row[2], since=row[3])
 
 
-def _tables_with_column(conn: Conn, prefix: str, column: str) -> list[str]:
+def _tables_with_columns(conn: Conn, prefix: str, *columns: str) -> list[str]:
+    """Tables named `<prefix><identifier>` that have every one of `columns`: other tables
+    under the same prefix (depeche-db 0.14's `_omax` and `_meta`, our `_cursor`) are not
+    what the caller looks for, and must not take a command down."""
     rows = conn.execute(
         "SELECT c.relname FROM pg_class AS c"
         " WHERE c.relkind IN ('r', 'p') AND c.relname LIKE %s AND pg_table_is_visible(c.oid)"
-        "   AND EXISTS (SELECT 1 FROM pg_attribute AS a WHERE a.attrelid = c.oid"
-        "               AND a.attname = %s AND NOT a.attisdropped)"
+        "   AND (SELECT count(*) FROM pg_attribute AS a WHERE a.attrelid = c.oid"
+        "        AND a.attname = ANY(%s) AND NOT a.attisdropped) = %s"
         " ORDER BY c.relname",
-        (prefix.replace("_", "\\_") + "%", column),
+        (prefix.replace("_", "\\_") + "%", list(columns), len(columns)),
     ).fetchall()
     names = [r[0][len(prefix) :] for r in rows]
     # Names end up in further queries (quoted), but only identifiers are ours to read.
@@ -395,18 +398,24 @@ def _tables_with_column(conn: Conn, prefix: str, column: str) -> list[str]:
 
 
 def aggregated_streams(conn: Conn) -> list[str]:
-    """Names of the aggregated streams present (tables with an `origin_stream` column)."""
-    return _tables_with_column(conn, _STREAM_PREFIX, "origin_stream")
+    """Names of the aggregated streams present (tables with their columns)."""
+    return _tables_with_columns(
+        conn, _STREAM_PREFIX, "message_id", "origin_stream", "partition", "position"
+    )
 
 
 def stores(conn: Conn) -> list[str]:
     """Names of the message stores present."""
-    return _tables_with_column(conn, _STORE_PREFIX, "global_position")
+    return _tables_with_columns(
+        conn, _STORE_PREFIX, "message_id", "stream", "version", "global_position"
+    )
 
 
 def subscription_tables(conn: Conn) -> list[str]:
     """Names of the subscription state tables present (without the prefix)."""
-    return _tables_with_column(conn, _SUBSCRIPTION_PREFIX, "subscription_name")
+    return _tables_with_columns(
+        conn, _SUBSCRIPTION_PREFIX, "subscription_name", "partition", "position"
+    )
 
 
 def store_of(conn: Conn, stream: str, candidates: Sequence[str]) -> str | None:
