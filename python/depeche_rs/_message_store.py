@@ -281,21 +281,15 @@ class MessageStore(Generic[E]):
         for message in messages:
             try:
                 message_id = message.get_message_id()
-                occurred_at = message.get_message_time()
             except AttributeError as exc:
                 raise InvalidMessageError(
-                    f"{type(message).__name__} is not a message: it needs get_message_id() and "
-                    "get_message_time() (see depeche_rs.MessageProtocol)"
+                    f"{type(message).__name__} is not a message: it needs get_message_id() "
+                    "(see depeche_rs.MessageProtocol)"
                 ) from exc
             if not isinstance(message_id, _uuid.UUID):
                 raise InvalidMessageError(
                     f"get_message_id() of {type(message).__name__} returned "
                     f"{type(message_id).__name__}, expected uuid.UUID"
-                )
-            if not isinstance(occurred_at, _dt.datetime):
-                raise InvalidMessageError(
-                    f"get_message_time() of {type(message).__name__} returned "
-                    f"{type(occurred_at).__name__}, expected datetime"
                 )
             try:
                 data = self._serializer.serialize(message)
@@ -325,10 +319,7 @@ class MessageStore(Generic[E]):
                 )
             ids.append(message_id)
             bodies.append(body)
-            # Naive message times are taken as UTC, as depeche-db stores them.
-            times.append(
-                occurred_at if occurred_at.tzinfo else occurred_at.replace(tzinfo=_dt.timezone.utc)
-            )
+            times.append(_message_time(message))
         return ids, bodies, times
 
     def _execute_write(
@@ -422,6 +413,25 @@ class MessageStore(Generic[E]):
         """Yield the messages of `stream` in version order, from `min_version` on if given."""
         with self.reader() as reader:
             yield from reader.read(stream, min_version)
+
+
+def _message_time(message: Any) -> _dt.datetime | None:
+    """The message's time as an aware datetime, or None when it has none to give.
+
+    Recording it at write time saves the projector a deserialisation, but depeche-db
+    only asks for it while projecting: a write must not fail on it. None leaves
+    `occurred_at` NULL and the projector asks the message again (and reports it then).
+    """
+    try:
+        occurred_at = message.get_message_time()
+        if not isinstance(occurred_at, _dt.datetime):
+            return None
+        if occurred_at.utcoffset() is None:
+            # Naive message times are taken as UTC, as depeche-db's projector stores them.
+            return occurred_at.replace(tzinfo=_dt.timezone.utc)
+        return occurred_at.astimezone(_dt.timezone.utc)
+    except Exception:
+        return None
 
 
 def _as_uuid(value: Any) -> _uuid.UUID:
