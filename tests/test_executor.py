@@ -136,7 +136,8 @@ def test_executor_is_woken_by_notifications_and_survives_a_killed_listener(
     stream = _stream(store, stream_name)
     seen = _Seen()
     subscription = stream.subscription(f"sub_{suffix}", handlers=seen.register)
-    # No stimulation: only notifications (and the catch-up after reconnecting) wake it.
+    # No stimulation: only notifications (and the catch-up after reconnecting) wake it,
+    # so the writes start once it listens.
     executor = Executor(
         db_dsn=dsn.replace("postgresql://", "postgresql+psycopg://"),
         stimulation_interval=0,
@@ -144,10 +145,11 @@ def test_executor_is_woken_by_notifications_and_survives_a_killed_listener(
     )
     executor.register(stream.projector)
     executor.register(subscription.runner)
-    _write(store, range(10))
     thread = threading.Thread(target=executor.run)
     thread.start()
     try:
+        _until(lambda: executor.listener is not None and executor.listener.backend_pid is not None)
+        _write(store, range(10))
         _until(lambda: seen.count() == 10)
         _write(store, range(10, 25))
         _until(lambda: seen.count() == 25)

@@ -5,9 +5,10 @@
     executor.register(subscription.runner)
     executor.run()  # until SIGTERM or SIGINT
 
-Notifications wake the handlers (LISTEN/NOTIFY through a `PgNotificationListener` that
-reconnects by itself); every `stimulation_interval` seconds every handler runs anyway,
-which covers notifications lost while the listener was reconnecting.
+A handler runs when a notification on its channel interests it, and, as in depeche-db,
+every `stimulation_interval` seconds starting at `run()` (zero, negative or None: never),
+nothing else. The one addition: after the listener had to reconnect, every handler runs
+once, because notifications sent while it was away are lost.
 
 Threads: the main thread reads notifications; each `StreamProjector` runs on a thread of
 its own, so a busy subscription never delays projection; all other handlers share one
@@ -89,8 +90,9 @@ class Executor:
     Args:
         db_dsn: DSN of the PostgreSQL database (libpq URL; `postgresql+psycopg://` is
             accepted).
-        stimulation_interval: Every this many seconds every handler runs once, whether
-            notified or not; zero or negative disables it.
+        stimulation_interval: Every this many seconds, the first time when `run()` starts,
+            every handler runs once whether notified or not; zero, negative or None
+            disables it (handlers then run only on notifications).
         disable_signals: Do not install SIGINT/SIGTERM handlers (needed to construct the
             Executor outside the main thread); stop it with `stop()`.
     """
@@ -100,7 +102,7 @@ class Executor:
     def __init__(
         self,
         db_dsn: str,
-        stimulation_interval: float = 0.5,
+        stimulation_interval: float | None = 0.5,
         disable_signals: bool = False,
     ) -> None:
         if not isinstance(db_dsn, str):
@@ -195,8 +197,6 @@ class Executor:
             for worker in workers:
                 worker.thread.start()
             self._stimulator.start()
-            # Catch up with whatever happened before we listened.
-            self._wake_all()
             for notification in self.listener.messages():
                 for handler in self.channel_register.get(notification.channel, ()):
                     if handler.interested_in_notification(notification.payload):
@@ -215,7 +215,10 @@ class Executor:
                 raise worker.error
 
     def _stimulate(self) -> None:
-        if self.stimulation_interval <= 0:
+        interval = self.stimulation_interval
+        if interval is None or interval <= 0:
             return
-        while not self._stopped.wait(self.stimulation_interval):
+        # depeche-db's stimulator runs every handler at once, then after each interval.
+        while not self._stopped.is_set():
             self._wake_all()
+            self._stopped.wait(interval)
