@@ -45,6 +45,7 @@ class AggregatedStreamReader(Generic[E]):
         self.notification_listener = PgNotificationListener(
             dsn=stream.store.dsn, channels=[stream.notification_channel], select_timeout=0.5
         )
+        stream.store._connection_owners.add(self.stop)
 
     def start(self) -> None:
         """Start listening for notifications (a connection on a thread)."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote as _quote
 from urllib.parse import urlencode as _urlencode
@@ -102,3 +105,62 @@ def connect(engine: sa.Engine) -> Iterator[sa.Connection]:
         ) from exc
     with conn:
         yield conn
+
+
+class ConnectionOwners:
+    """Objects holding connections outside the engine's pool, closed together.
+
+    Each registers its bound `close` method, held weakly: an object collected closes its
+    connections by itself. Closing does not unregister, since our objects reopen their
+    connections on next use and the next close must find them again.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._keys = itertools.count()
+        self._closers: dict[int, weakref.WeakMethod[Callable[[], None]]] = {}
+
+    def add(self, close: Callable[[], None]) -> None:
+        """Register a bound `close` method."""
+        key = next(self._keys)
+
+        def forget(_: object) -> None:
+            with self._mutex:
+                self._closers.pop(key, None)
+
+        with self._mutex:
+            self._closers[key] = weakref.WeakMethod(close, forget)
+
+    def close_all(self) -> None:
+        """Call every live `close`; the first error is raised after all were called."""
+        with self._mutex:
+            closers = [ref() for ref in self._closers.values()]
+        first: Exception | None = None
+        for close in closers:
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+
+_engine_owners: weakref.WeakKeyDictionary[sa.Engine, ConnectionOwners] = weakref.WeakKeyDictionary()
+_engine_owners_mutex = threading.Lock()
+
+
+def owners_of(engine: sa.Engine) -> ConnectionOwners:
+    """The owners closed when `engine.dispose()` is called (one SQLAlchemy listener each)."""
+    with _engine_owners_mutex:
+        owners = _engine_owners.get(engine)
+        if owners is None:
+            owners = _engine_owners[engine] = ConnectionOwners()
+            close_all = owners.close_all
+
+            def on_dispose(_: sa.Engine) -> None:
+                close_all()
+
+            sa.event.listen(engine, "engine_disposed", on_dispose)
+        return owners

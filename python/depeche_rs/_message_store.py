@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import sqlalchemy as _sa
 
 from . import _names, _schema
+from ._connection import ConnectionOwners as _ConnectionOwners
 from ._connection import connect as _connect
 from ._connection import libpq_dsn as _libpq_dsn
+from ._connection import owners_of as _owners_of
 from ._connection import to_engine as _to_engine
 from ._exceptions import (
     InvalidMessageError,
@@ -180,6 +182,10 @@ class MessageStore(Generic[E]):
         aggregated_stream (AggregatedStreamFactory): creates aggregated streams.
         engine: The SQLAlchemy Engine in use.
         name: The store name.
+
+    `close()` (or leaving a `with store:` block) closes every connection the store, its
+    aggregated streams, projectors and subscriptions opened; so does `engine.dispose()`
+    on the Engine given.
     """
 
     def __init__(self, name: str, engine: Any, serializer: MessageSerializer[E]) -> None:
@@ -187,9 +193,14 @@ class MessageStore(Generic[E]):
 
         self.name = _names.validate_name(name, "store name")
         self.engine: _sa.Engine = _to_engine(engine)
-        if self.engine is not engine:
+        self._owns_engine = self.engine is not engine
+        if self._owns_engine:
             # We made this engine, so we close its pooled connections with the store.
             _weakref.finalize(self, self.engine.dispose)
+        # Connections opened outside the engine's pool (the Rust projector's, subscription
+        # readers', locks', listeners'): closed by close() and by engine.dispose().
+        self._connection_owners = _ConnectionOwners()
+        _owners_of(self.engine).add(self._connection_owners.close_all)
         self._serializer = serializer
         self._table = _names.message_table(name)
         self._write_sql = (
@@ -208,6 +219,20 @@ class MessageStore(Generic[E]):
     def notification_channel(self) -> str:
         """The channel notified (once per stream per statement) when messages are written."""
         return _names.store_channel(self.name)
+
+    def close(self) -> None:
+        """Close every connection opened by the store and its aggregated streams,
+        projectors and subscriptions (each reopens one if used again); a store made from
+        a DSN also disposes of its engine."""
+        self._connection_owners.close_all()
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> MessageStore[E]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def truncate(self) -> None:
         """Delete all messages of the store (aggregated streams are not touched)."""

@@ -106,6 +106,7 @@ class StreamProjector(Generic[E]):
         self._builtin = builtin_partitioner(partitioner)
         self._lock = _threading.Lock()
         self._native: _native.Projector | None = None
+        stream.store._connection_owners.add(self.close)
 
     @property
     def notification_channel(self) -> str:

@@ -24,7 +24,7 @@ import dataclasses
 import time
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 # The depeche-db names of this module, defined next to their concept.
 from ._ack import _NO_ACK, AckOp, AckRolledback, AckStrategy, NoAckOp
@@ -66,6 +66,14 @@ E = TypeVar("E", bound=MessageProtocol)
 
 DEFAULT_BATCH_SIZE = 10
 _INIT_POLL_SECONDS = 0.05
+
+
+def _close_connections(reader: SubscriptionReader[Any], own_locks: DbLockProvider | None) -> None:
+    try:
+        reader.close()
+    finally:
+        if own_locks is not None:
+            own_locks.close()
 
 
 @dataclasses.dataclass
@@ -128,7 +136,12 @@ class Subscription(Generic[E]):
             )
         self._stream = stream
         engine = stream.store.engine
-        self._lock_provider: LockProvider = lock_provider or DbLockProvider(name, engine)
+        # A lock provider we make is ours to close; one given is its owner's.
+        own_locks: DbLockProvider | None = None
+        if lock_provider is None:
+            own_locks = lock_provider = DbLockProvider(name, engine)
+        self._own_locks = own_locks
+        self._lock_provider: LockProvider = lock_provider
         self._state_provider: SubscriptionStateProvider = (
             state_provider or DbSubscriptionStateProvider(name, engine)
         )
@@ -137,8 +150,10 @@ class Subscription(Generic[E]):
         self._reader: SubscriptionReader[E] = SubscriptionReader(
             self.name, stream, self._state_provider, self._lock_provider
         )
-        # Connections close when the subscription is collected, or at exit.
-        self._finalizer = weakref.finalize(self, self._reader.close)
+        # Connections close with close(), the store's close() or engine.dispose(), when
+        # the subscription is collected, or at exit.
+        self._finalizer = weakref.finalize(self, _close_connections, self._reader, own_locks)
+        stream.store._connection_owners.add(self.close)
         runner_type = (
             BatchedAckSubscriptionRunner
             if ack_strategy == AckStrategy.BATCHED
@@ -154,8 +169,9 @@ class Subscription(Generic[E]):
         return self._stream
 
     def close(self) -> None:
-        """Close the subscription's connections (releasing any lock they hold)."""
-        self._finalizer()
+        """Close the subscription's connections (releasing any lock they hold); used
+        again, it opens new ones."""
+        _close_connections(self._reader, self._own_locks)
 
     def _update_max_aggregated_stream_positions_cache(
         self, partition_number: int, max_position: int

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from .._connection import libpq_dsn, to_engine
+from .._connection import libpq_dsn, owners_of, to_engine
 from .._exceptions import DatabaseConnectionError
 from .._names import validate_name
 
@@ -57,6 +57,7 @@ class DbLockProvider:
         self._held: set[str] = set()
         self._claims: set[str] = set()
         self._conn: psycopg.Connection[Any] | None = None
+        owners_of(self._engine).add(self.close)
 
     @property
     def dsn(self) -> str:
