@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib as _contextlib
 import datetime as _dt
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import sqlalchemy as _sa
 
@@ -20,6 +20,7 @@ from ._interfaces import (
     StreamPartitionStatistic,
     SubscriptionStartPoint,
 )
+from ._projector import FullUpdateResult as FullUpdateResult  # depeche-db exports it from here
 from ._projector import StreamProjector
 
 if TYPE_CHECKING:
@@ -28,6 +29,18 @@ if TYPE_CHECKING:
     from ._message_store import MessageStore
 
 E = TypeVar("E", bound=MessageProtocol)
+
+
+class SelectedOriginStream(NamedTuple):
+    """An origin stream with the global position to project it from.
+
+    Only so that code importing it from depeche-db's `_aggregated_stream` still imports:
+    depeche-db's projector selects such streams (`_select_origin_streams`); ours
+    follows a cursor instead and never produces them.
+    """
+
+    stream: str
+    start_at_global_position: int
 
 
 class AggregatedStream(Generic[E]):

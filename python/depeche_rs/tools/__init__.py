@@ -1,5 +1,6 @@
 """Ready-made parts: serializer, partitioners, lock and state providers, the listener."""
 
+from ._async_pg_notification_listener import AsyncPgNotificationListener
 from ._db_lock_provider import DbLockProvider
 from ._db_subscription_state_provider import DbSubscriptionStateProvider
 from ._partitioners import StreamHashPartitioner, StreamNamePartitioner
@@ -7,6 +8,7 @@ from ._pg_notification_listener import PgNotification, PgNotificationListener
 from ._pydantic_serializer import PydanticMessageSerializer
 
 __all__ = [
+    "AsyncPgNotificationListener",
     "DbLockProvider",
     "DbSubscriptionStateProvider",
     "PgNotification",

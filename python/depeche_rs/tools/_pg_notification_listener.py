@@ -220,18 +220,22 @@ class PgNotificationListener:
                 quiet_since = now
 
     def _deliver(self, notify: psycopg.Notify) -> None:
-        if self._ignore_payload:
-            payload: dict[str, Any] = {}
-        else:
-            try:
-                decoded = json.loads(notify.payload) if notify.payload else {}
-            except ValueError:
-                # Still a sign of activity on the channel: deliver it without hints.
-                logger.warning(
-                    "notification on %s has a payload that is not JSON: %r",
-                    notify.channel,
-                    notify.payload[:200],
-                )
-                decoded = {}
-            payload = decoded if isinstance(decoded, dict) else {"payload": decoded}
-        self._queue.put(PgNotification(notify.channel, payload))
+        self._queue.put(to_pg_notification(notify, self._ignore_payload))
+
+
+def to_pg_notification(notify: psycopg.Notify, ignore_payload: bool) -> PgNotification:
+    """`notify` with its JSON payload decoded (an empty payload if `ignore_payload`)."""
+    if ignore_payload:
+        return PgNotification(notify.channel, {})
+    try:
+        decoded = json.loads(notify.payload) if notify.payload else {}
+    except ValueError:
+        # Still a sign of activity on the channel: deliver it without hints.
+        logger.warning(
+            "notification on %s has a payload that is not JSON: %r",
+            notify.channel,
+            notify.payload[:200],
+        )
+        decoded = {}
+    payload = decoded if isinstance(decoded, dict) else {"payload": decoded}
+    return PgNotification(notify.channel, payload)

@@ -1,0 +1,1 @@
+"""Experimental parts, as in depeche-db: they may change without notice."""
