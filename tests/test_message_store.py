@@ -6,6 +6,7 @@ import threading
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -225,7 +226,7 @@ def test_store_construction_is_idempotent_and_concurrent(
 
 @pytest.mark.parametrize(
     "name",
-    ["", "1abc", "a-b", "x; DROP TABLE users", "a b", "naïve", "x" * 41, None, 5],
+    ["", "1abc", "a-b", "x; DROP TABLE users", "a b", "naïve", "x" * 40, None, 5],
 )
 def test_invalid_store_names(engine: sa.Engine, serializer: Any, name: Any) -> None:
     with pytest.raises(depeche_rs.InvalidNameError) as info:
@@ -324,3 +325,35 @@ def test_pydantic_serializer_wire_format(serializer: PydanticMessageSerializer[A
             "__typename__": "OldCreated",
         }
     ) == AccountCreated(account=1, event_id=event.event_id, happened_at=event.happened_at)
+
+
+def test_schema_2_per_name_notify_triggers_are_replaced_by_shared_ones(
+    store: Store, engine: sa.Engine, serializer: Any, dsn: str
+) -> None:
+    t = f"depeche_msgs_{store.name}"
+    old = f"depeche_rs_msgs_notify_{store.name}"
+    with engine.begin() as conn:  # what schema 2 left: a per-store function and trigger
+        conn.exec_driver_sql(f"DROP TRIGGER depeche_rs_notify_messages ON {t}")
+        conn.exec_driver_sql(
+            f"CREATE FUNCTION {old}() RETURNS trigger AS $$ BEGIN RETURN NULL; END; $$ "
+            f"LANGUAGE plpgsql; CREATE TRIGGER {old} AFTER INSERT ON {t} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {old}(); "
+            f"COMMENT ON TABLE {t} IS 'depeche-rs schema 2'"
+        )
+    for _ in range(2):  # idempotent
+        again = MessageStore(store.name, engine, serializer)
+    with engine.connect() as conn:
+        triggers = conn.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal "
+            "ORDER BY 1",
+            (t,),
+        ).scalars()
+        functions = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_proc WHERE proname = %s", (old,)
+        ).scalar()
+        assert list(triggers) == ["depeche_rs_notify_messages", "depeche_rs_stamp_tx"]
+    assert functions == 0
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN depeche_{store.name}_messages")
+        again.write_many("acc-1", [AccountCreated(account=1), AccountCreated(account=2)])
+        assert len(list(listener.notifies(timeout=1.0))) == 2

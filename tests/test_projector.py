@@ -149,13 +149,36 @@ def test_notifications_one_per_partition_with_partition_and_position(
     assert agg.projector.notification_channel == f"depeche_{store.name}_messages"
 
 
-def test_store_notifications_carry_stream(store: Store, dsn: str) -> None:
+def test_store_notifications_one_per_message_in_global_order(
+    store: Store, dsn: str, engine: sa.Engine
+) -> None:
+    # depeche-db notifies once per message; a listener acting on each payload must see all.
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute(f"LISTEN depeche_{store.name}_messages")
         p = store.write("acc-1", AccountCreated(account=1))
         store.write_many("acc-2", [AccountCreated(account=2), AccountCreated(account=3)])
+        with engine.begin() as conn:  # one statement over two streams, in reverse order
+            conn.exec_driver_sql(
+                f"INSERT INTO depeche_msgs_{store.name} (message_id, stream, version, message) "
+                "SELECT gen_random_uuid(), s, 1, '{}' FROM unnest(ARRAY['acc-4', 'acc-3']) AS s"
+            )
         payloads = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
-    assert [(x["stream"], x["version"]) for x in payloads] == [("acc-1", 1), ("acc-2", 2)]
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            f"SELECT message_id::text, stream, version, global_position "
+            f"FROM depeche_msgs_{store.name} ORDER BY global_position"
+        ).all()
+    assert [list(p) for p in payloads] == [
+        ["message_id", "stream", "version", "global_position"]
+    ] * 5
+    assert [tuple(p.values()) for p in payloads] == [tuple(r) for r in rows]
+    assert [(x["stream"], x["version"]) for x in payloads] == [
+        ("acc-1", 1),
+        ("acc-2", 1),
+        ("acc-2", 2),
+        ("acc-4", 1),
+        ("acc-3", 1),
+    ]
     assert payloads[0]["global_position"] == p.global_position
 
 
@@ -313,10 +336,58 @@ def test_bad_wildcards(store: Store, stream_name: str, wildcards: Any) -> None:
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("name", ["", "1x", "a-b", "x;drop table y", "x" * 41])
+@pytest.mark.parametrize("name", ["", "1x", "a-b", "x;drop table y", "x" * 42])
 def test_bad_stream_names(store: Store, name: str) -> None:
     with pytest.raises(depeche_rs.InvalidNameError):
         store.aggregated_stream(name, StreamNamePartitioner(), ["%"])
+
+
+def test_longest_names_depeche_db_accepts_project_and_read(
+    engine: sa.Engine, serializer: Any, suffix: str, dsn: str
+) -> None:
+    # depeche-db accepts 39 characters for a store and 41 for an aggregated stream; its
+    # test suite uses names like id_<uuid4> (39). The reader derives "<stream>_reader".
+    store_name = (suffix + "_s").ljust(39, "x")
+    agg_name = (suffix + "_a").ljust(41, "x")
+    store: Store = MessageStore(store_name, engine, serializer)
+    store.write("acc-1", AccountCreated(account=1))
+    agg = store.aggregated_stream(agg_name, StreamHashPartitioner(2), ["acc-%"])
+    assert agg.projector.update_full() == (1, False)
+    reader = agg.reader()
+    reader.start()
+    try:
+        assert [m.stream for m in reader.get_messages(timeout=1)] == ["acc-1"]
+    finally:
+        reader.stop()
+    with engine.connect() as conn:
+        triggers = conn.exec_driver_sql(
+            "SELECT tgrelid::regclass::text, tgname, tgfoid::regproc::text FROM pg_trigger "
+            "WHERE tgrelid IN (%s::regclass, %s::regclass) AND NOT tgisinternal ORDER BY 1, 2",
+            (f"depeche_msgs_{store_name}", f"depeche_stream_{agg_name}"),
+        ).all()
+    assert [(t, n, f) for t, n, f in triggers if "notify" in n] == [
+        (f"depeche_msgs_{store_name}", "depeche_rs_notify_messages", "depeche_rs_notify_messages"),
+        (
+            f"depeche_stream_{agg_name}",
+            "depeche_rs_notify_partitions",
+            "depeche_rs_notify_partitions",
+        ),
+    ]
+
+
+def test_names_longer_than_depeche_db_accepts_create_nothing(
+    engine: sa.Engine, serializer: Any, store: Store, suffix: str
+) -> None:
+    with pytest.raises(depeche_rs.InvalidNameError, match="at most 39"):
+        MessageStore((suffix + "_s").ljust(40, "x"), engine, serializer)
+    with pytest.raises(depeche_rs.InvalidNameError, match="at most 41"):
+        store.aggregated_stream((suffix + "_a").ljust(42, "x"), StreamNamePartitioner(), ["%"])
+    with engine.connect() as conn:
+        created = conn.exec_driver_sql(
+            "SELECT relname FROM pg_class WHERE relname LIKE %s AND relname NOT LIKE %s",
+            (f"%{suffix}%", f"%s_{suffix}%"),
+        ).all()
+    assert created == []
 
 
 def test_bad_partitioner_and_batch_size(store: Store, stream_name: str) -> None:

@@ -13,14 +13,33 @@ from typing import Any
 from ._exceptions import InvalidNameError, InvalidWildcardError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# PostgreSQL truncates identifiers to 63 bytes; the longest name we derive is the
-# notification function "depeche_rs_stream_notify_<name>" (25 + 38).
-MAX_NAME_LENGTH = 38
+
+# PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1).
+MAX_IDENTIFIER_BYTES = 63
+
+# The longest name depeche-db 0.13.1 accepts for each kind: SQLAlchemy refuses to create
+# an identifier longer than 63 bytes, so its longest derived name sets the limit. Ours all
+# fit within these (the longest are depeche_rs_write_<store>, 56 bytes, and
+# depeche_stream_<agg>_cursor, 63). Kinds not listed (subscription names, lock provider
+# names) only become advisory lock keys and any length works.
+MAX_STORE_NAME_LENGTH = 39  # depeche_msgs_<store>_version_uq, depeche_msgs_<store>_global_seq
+MAX_AGGREGATED_STREAM_NAME_LENGTH = 41  # depeche_stream_<agg>_maxpos
+MAX_STATE_NAME_LENGTH = 41  # depeche_subscriptions_<name>
+MAX_NAME_LENGTHS: dict[str, tuple[int, str]] = {
+    "store name": (MAX_STORE_NAME_LENGTH, "depeche_msgs_<store>_version_uq"),
+    "aggregated stream name": (MAX_AGGREGATED_STREAM_NAME_LENGTH, "depeche_stream_<name>_maxpos"),
+    "subscription state provider name": (MAX_STATE_NAME_LENGTH, "depeche_subscriptions_<name>"),
+    "subscription state name": (MAX_STATE_NAME_LENGTH, "depeche_subscriptions_<name>"),
+}
 MAX_STREAM_LENGTH = 255
 
 
 def validate_name(name: Any, what: str = "name") -> str:
-    """Return `name` if it is a valid object name, else raise `InvalidNameError`."""
+    """Return `name` if it is a valid name of kind `what`, else raise `InvalidNameError`.
+
+    The kinds in `MAX_NAME_LENGTHS` are limited to what depeche-db accepts for them;
+    other kinds (subscription and lock provider names) may be of any length.
+    """
     if not isinstance(name, str):
         raise InvalidNameError(f"{what} must be a str, got {type(name).__name__}")
     if not _IDENTIFIER.match(name) or not name.isidentifier():
@@ -28,12 +47,28 @@ def validate_name(name: Any, what: str = "name") -> str:
             f"{what} {name!r} is not a valid identifier: use ASCII letters, digits and "
             "underscores, not starting with a digit (it becomes part of table names)"
         )
-    if len(name) > MAX_NAME_LENGTH:
+    limit = MAX_NAME_LENGTHS.get(what)
+    if limit is not None and len(name) > limit[0]:
         raise InvalidNameError(
-            f"{what} {name!r} is {len(name)} characters long; use at most {MAX_NAME_LENGTH} "
-            "so the derived table names fit PostgreSQL's 63-byte identifier limit"
+            f"{what} {name!r} is {len(name)} characters long; use at most {limit[0]}, as "
+            f"depeche-db does, so that {limit[1]} fits PostgreSQL's "
+            f"{MAX_IDENTIFIER_BYTES}-byte identifier limit"
         )
     return name
+
+
+def pg_identifier(name: str) -> str:
+    """`name` as PostgreSQL stores it: cut to 63 bytes (names are ASCII).
+
+    Used to refer to depeche-db's objects whose names PostgreSQL truncated, e.g. the
+    trigger `depeche_stream_new_msg_<agg>` of a 41-character stream name.
+    """
+    return name[:MAX_IDENTIFIER_BYTES]
+
+
+def fits(name: str) -> bool:
+    """True if PostgreSQL keeps `name` whole."""
+    return len(name.encode()) <= MAX_IDENTIFIER_BYTES
 
 
 def validate_stream(stream: Any) -> str:

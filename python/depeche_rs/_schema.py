@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from . import _names
 from ._connection import connect, execute_script
 
-SCHEMA_VERSION = "depeche-rs schema 2"
+SCHEMA_VERSION = "depeche-rs schema 3"
 
 # The same expression depeche-db's write function uses, so both writers serialise on the
 # same per-stream lock.
@@ -37,6 +37,34 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;"""
 
+# One notification per message, as depeche-db's row trigger sends, with the same payload;
+# one statement-level trigger over the transition table sends them in global position
+# order. The channel is the trigger's argument, so one function serves every store.
+NOTIFY_MESSAGES_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_notify_messages() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify(TG_ARGV[0], json_build_object(
+      'message_id', n.message_id, 'stream', n.stream,
+      'version', n.version, 'global_position', n.global_position)::text)
+  FROM (SELECT message_id, stream, version, global_position
+          FROM new_rows ORDER BY global_position) AS n;
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;"""
+
+# One notification per partition per statement, carrying its highest position (what
+# depeche-db's subscribers read: partition and position).
+NOTIFY_PARTITIONS_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_notify_partitions() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify(TG_ARGV[0], json_build_object(
+      'message_id', n.message_id, 'partition', n.partition, 'position', n.position)::text)
+  FROM (SELECT DISTINCT ON (partition) message_id, partition, position
+          FROM new_rows ORDER BY partition, position DESC) AS n;
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;"""
+
 # Every DDL script takes this one lock: the shared functions above are replaced by each.
 DDL_LOCK_KEY = "ddl"
 
@@ -52,8 +80,20 @@ def _is_current(conn: sa.Connection, table: str) -> bool:
     return comment == SCHEMA_VERSION
 
 
+def _drop_per_name_notify(table: str, name: str) -> str:
+    """Drop the per-name trigger and function of schema 2 (replaced by shared ones).
+
+    Schema 2 only made them for names up to 38 characters, whose derived names fit; a
+    longer name is never truncated here, since its truncation could be another name's.
+    """
+    if not _names.fits(name):
+        return ""
+    return f"DROP TRIGGER IF EXISTS {name} ON {table};\nDROP FUNCTION IF EXISTS {name}();"
+
+
 def store_ddl(store: str) -> str:
     """DDL bringing store `store` to our layout (idempotent, additive)."""
+    _names.validate_name(store, "store name")
     t = _names.message_table(store)
     seq = _names.global_sequence(store)
     channel = _names.store_channel(store)
@@ -68,7 +108,7 @@ CREATE TABLE IF NOT EXISTS {t} (
     stream varchar(255) NOT NULL,
     version integer NOT NULL,
     message jsonb NOT NULL,
-    CONSTRAINT {t}_global_position_key UNIQUE (global_position),
+    UNIQUE (global_position),
     CONSTRAINT {t}_version_uq UNIQUE (stream, version)
 );
 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS tx xid8;
@@ -155,27 +195,20 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql VOLATILE;
 
-CREATE OR REPLACE FUNCTION depeche_rs_msgs_notify_{store}() RETURNS trigger AS $$
-BEGIN
-  PERFORM pg_notify('{channel}', json_build_object(
-      'message_id', n.message_id, 'stream', n.stream,
-      'version', n.version, 'global_position', n.global_position)::text)
-  FROM (SELECT DISTINCT ON (stream) message_id, stream, version, global_position
-          FROM new_rows ORDER BY stream, version DESC) AS n;
-  RETURN NULL;
-END;
-$$ LANGUAGE plpgsql;
-DROP TRIGGER IF EXISTS depeche_storage_new_msg_{store} ON {t};
-DROP TRIGGER IF EXISTS depeche_rs_msgs_notify_{store} ON {t};
-CREATE TRIGGER depeche_rs_msgs_notify_{store}
+{NOTIFY_MESSAGES_FUNCTION}
+DROP TRIGGER IF EXISTS {_names.pg_identifier(f"depeche_storage_new_msg_{store}")} ON {t};
+{_drop_per_name_notify(t, f"depeche_rs_msgs_notify_{store}")}
+DROP TRIGGER IF EXISTS depeche_rs_notify_messages ON {t};
+CREATE TRIGGER depeche_rs_notify_messages
   AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_msgs_notify_{store}();
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_notify_messages('{channel}');
 COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
 """
 
 
 def stream_ddl(agg: str) -> str:
     """DDL bringing aggregated stream `agg` to our layout (idempotent, additive)."""
+    _names.validate_name(agg, "aggregated stream name")
     t = _names.stream_table(agg)
     maxpos = _names.maxpos_table(agg)
     cursor = _names.cursor_table(agg)
@@ -231,20 +264,13 @@ SELECT partition, max(position) FROM {t}
  WHERE NOT EXISTS (SELECT 1 FROM {maxpos})
  GROUP BY partition;
 
-CREATE OR REPLACE FUNCTION depeche_rs_stream_notify_{agg}() RETURNS trigger AS $$
-BEGIN
-  PERFORM pg_notify('{channel}', json_build_object(
-      'message_id', n.message_id, 'partition', n.partition, 'position', n.position)::text)
-  FROM (SELECT DISTINCT ON (partition) message_id, partition, position
-          FROM new_rows ORDER BY partition, position DESC) AS n;
-  RETURN NULL;
-END;
-$$ LANGUAGE plpgsql;
-DROP TRIGGER IF EXISTS depeche_stream_new_msg_{agg} ON {t};
-DROP TRIGGER IF EXISTS depeche_rs_stream_notify_{agg} ON {t};
-CREATE TRIGGER depeche_rs_stream_notify_{agg}
+{NOTIFY_PARTITIONS_FUNCTION}
+DROP TRIGGER IF EXISTS {_names.pg_identifier(f"depeche_stream_new_msg_{agg}")} ON {t};
+{_drop_per_name_notify(t, f"depeche_rs_stream_notify_{agg}")}
+DROP TRIGGER IF EXISTS depeche_rs_notify_partitions ON {t};
+CREATE TRIGGER depeche_rs_notify_partitions
   AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_stream_notify_{agg}();
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_notify_partitions('{channel}');
 
 -- Whoever deletes projected rows (depeche-db's truncate() is a DELETE, ours too, an
 -- operator's TRUNCATE) invalidates the cursors' promise that everything below them is

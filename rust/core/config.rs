@@ -3,9 +3,10 @@
 use crate::core::error::{Error, Result};
 use crate::core::partitioner::BuiltinPartitioner;
 
-/// Longest store or stream name: the longest derived identifier,
-/// `depeche_rs_stream_notify_<name>`, must fit PostgreSQL's 63 bytes.
-pub const MAX_NAME_LENGTH: usize = 38;
+/// PostgreSQL keeps the first 63 bytes of an identifier. The name limits themselves are
+/// defined once, in Python (`depeche_rs._names`); the engine only checks that the tables
+/// it reads and writes are named whole (a truncated name could be another stream's).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// The largest batch a projector accepts; bounds memory per batch.
 pub const MAX_BATCH_SIZE: usize = 100_000;
@@ -30,13 +31,29 @@ impl TableNames {
     pub fn new(store: &str, stream: &str) -> Result<Self> {
         validate_identifier(store, "store name")?;
         validate_identifier(stream, "aggregated stream name")?;
-        Ok(Self {
+        let names = Self {
             messages: format!("depeche_msgs_{store}"),
             stream: format!("depeche_stream_{stream}"),
             maxpos: format!("depeche_stream_{stream}_maxpos"),
             cursor: format!("depeche_stream_{stream}_cursor"),
             sequence: format!("depeche_msgs_{store}_global_seq"),
-        })
+        };
+        for name in [
+            &names.messages,
+            &names.stream,
+            &names.maxpos,
+            &names.cursor,
+            &names.sequence,
+        ] {
+            if name.len() > MAX_IDENTIFIER_BYTES {
+                return Err(Error::Config(format!(
+                    "{name:?} is {} bytes long; PostgreSQL identifiers hold at most \
+                     {MAX_IDENTIFIER_BYTES}: use a shorter store or aggregated stream name",
+                    name.len()
+                )));
+            }
+        }
+        Ok(names)
     }
 }
 
@@ -97,14 +114,13 @@ impl ProjectorConfig {
 pub fn validate_identifier(name: &str, what: &str) -> Result<()> {
     let mut chars = name.chars();
     let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= MAX_NAME_LENGTH;
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if ok {
         Ok(())
     } else {
         Err(Error::Config(format!(
-            "{what} {name:?} is not a valid identifier: use at most {MAX_NAME_LENGTH} ASCII \
-             letters, digits and underscores, not starting with a digit"
+            "{what} {name:?} is not a valid identifier: use ASCII letters, digits and \
+             underscores, not starting with a digit"
         )))
     }
 }
@@ -125,18 +141,20 @@ mod tests {
 
     #[test]
     fn sql_in_names_is_rejected() {
-        for bad in [
-            "",
-            "1abc",
-            "a-b",
-            "a;drop table x",
-            "a b",
-            "é",
-            &"x".repeat(39),
-        ] {
+        for bad in ["", "1abc", "a-b", "a;drop table x", "a b", "é"] {
             assert!(TableNames::new(bad, "ok").is_err(), "{bad:?} accepted");
             assert!(TableNames::new("ok", bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn names_depeche_db_accepts_fit_and_longer_ones_are_rejected() {
+        // depeche-db's limits: 39 for stores, 41 for aggregated streams.
+        let t = TableNames::new(&"s".repeat(39), &"a".repeat(41)).unwrap();
+        assert_eq!(t.sequence.len(), 63);
+        assert_eq!(t.cursor.len(), 63);
+        assert!(TableNames::new(&"s".repeat(40), "ok").is_err());
+        assert!(TableNames::new("ok", &"a".repeat(42)).is_err());
     }
 
     #[test]

@@ -26,7 +26,11 @@ from hypothesis import strategies as st
 
 import depeche_rs
 from depeche_rs import MessageHandlerRegister, MessageStore, StoredMessage, SubscriptionMessage
-from depeche_rs._names import MAX_NAME_LENGTH
+from depeche_rs._names import (
+    MAX_AGGREGATED_STREAM_NAME_LENGTH,
+    MAX_STATE_NAME_LENGTH,
+    MAX_STORE_NAME_LENGTH,
+)
 from depeche_rs.tools import PydanticMessageSerializer, StreamHashPartitioner
 
 from .._models import AnyEvent, Deposited
@@ -102,13 +106,23 @@ def _store(db: Db, name: str) -> MessageStore[AnyEvent]:
 
 # -- names ----------------------------------------------------------------------------
 
-VALID_NAMES = st.from_regex(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_NAME_LENGTH - 1}}}", fullmatch=True)
+# A subscription's default state provider is named after it, so its limit applies.
+MAX_LENGTH = {
+    "store": MAX_STORE_NAME_LENGTH,
+    "aggregated stream": MAX_AGGREGATED_STREAM_NAME_LENGTH,
+    "subscription": MAX_STATE_NAME_LENGTH,
+}
+VALID_NAMES = st.from_regex(
+    rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_STORE_NAME_LENGTH - 1}}}", fullmatch=True
+)
 NAMES = st.one_of(
     VALID_NAMES,
     st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{34,44}", fullmatch=True),  # around the limit
     st.text(st.sampled_from(TRICKY + "AZ09"), max_size=12),
     st.text(max_size=8),
-    st.sampled_from(["", "1abc", "a b", "a;drop", "x" * 40, "x" * 41, "é", "select", "_"]),
+    st.sampled_from(
+        ["", "1abc", "a b", "a;drop", "x" * 39, "x" * 40, "x" * 41, "x" * 42, "é", "select", "_"]
+    ),
     st.integers() | st.none(),
 )
 
@@ -120,7 +134,7 @@ NAMES = st.one_of(
     kind=st.sampled_from(["store", "aggregated stream", "subscription"]),
 )
 def test_any_name_is_rejected_cleanly_or_works(db: Db, name: Any, kind: str) -> None:
-    valid = isinstance(name, str) and bool(IDENTIFIER.match(name)) and len(name) <= MAX_NAME_LENGTH
+    valid = isinstance(name, str) and bool(IDENTIFIER.match(name)) and len(name) <= MAX_LENGTH[kind]
     base = _store(db, "base7q3x")
     base_stream = base.aggregated_stream("base7q3x_agg", StreamHashPartitioner(2), ["n-%"])
     if not list(base.read("n-1")):
