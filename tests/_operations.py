@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections import Counter
@@ -174,6 +176,30 @@ def engine_for(dsn: str) -> Iterator[sa.Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def private_cluster(prefix: str, settings: Mapping[str, str] = {}) -> Iterator[str]:
+    """A PostgreSQL cluster of its own (the embedded server) with `settings` applied by
+    a restart; stopped and removed afterwards. Not under pytest's base temp: a pytest
+    session starting meanwhile resets that directory to 0700, cutting off a server run
+    by another account."""
+    from depeche_rs._embedded import start_embedded, stop_embedded
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    data_dir = root / "pgdata"
+    try:
+        dsn = start_embedded(data_dir)
+        if settings:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for name, value in settings.items():
+                    conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+            stop_embedded(data_dir)
+            dsn = start_embedded(data_dir)
+        yield dsn
+    finally:
+        stop_embedded(data_dir)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def current_xid(dsn: str) -> int:

@@ -9,19 +9,15 @@ PostgreSQL requires within one cluster).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 
 from depeche_rs import AggregatedStream, MessageStore
-from depeche_rs._embedded import start_embedded, stop_embedded
 from depeche_rs.tools import PydanticMessageSerializer, StreamHashPartitioner
 
 from ._models import AnyEvent
@@ -31,6 +27,7 @@ from ._operations import (
     burn_xids_until,
     current_xid,
     engine_for,
+    private_cluster,
     private_database,
     write,
 )
@@ -40,23 +37,11 @@ WILDCARDS = ["acc-%"]
 
 @pytest.fixture(scope="module")
 def logical_cluster() -> Iterator[str]:
-    """A private cluster with `wal_level = logical` (not under pytest's base temp, which
-    another pytest session may reset to 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="depeche-rs-logical-"))
-    data_dir = root / "pgdata"
-    try:
-        dsn = start_embedded(data_dir)
+    """A private cluster with `wal_level = logical`."""
+    with private_cluster("depeche-rs-logical-", {"wal_level": "logical"}) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET wal_level = logical")
-        stop_embedded(data_dir)
-        dsn = start_embedded(data_dir)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SHOW wal_level").fetchone()
-        assert row == ("logical",)
+            assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
         yield dsn
-    finally:
-        stop_embedded(data_dir)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _open(engine: sa.Engine, name: str, agg: str) -> tuple[Store, AggregatedStream[AnyEvent]]:
