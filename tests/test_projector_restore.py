@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +16,6 @@ import pytest
 import sqlalchemy as sa
 
 from depeche_rs import AggregatedStream, MessageStore
-from depeche_rs._embedded import start_embedded, stop_embedded
 from depeche_rs.tools import PydanticMessageSerializer, StreamHashPartitioner
 
 from ._models import AnyEvent, Deposited
@@ -28,6 +25,7 @@ from ._operations import (
     burn_xids_until,
     current_xid,
     engine_for,
+    private_cluster,
     private_database,
     run_pg_program,
     write,
@@ -40,23 +38,10 @@ XID_MARGIN = 20_000
 
 @pytest.fixture(scope="module")
 def fresh_cluster() -> Iterator[str]:
-    """A second PostgreSQL cluster (the embedded server), private to this module.
-
-    Not under pytest's base temp: a pytest session starting meanwhile (another run on this
-    machine) resets that directory to 0700, cutting off a server run by another account.
-    """
-    root = Path(tempfile.mkdtemp(prefix="depeche-rs-fresh-cluster-"))
-    data_dir = root / "pgdata"
-    try:
-        dsn = start_embedded(data_dir)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            # Nothing but the tests may read the tables (the cost test counts row reads).
-            conn.execute("ALTER SYSTEM SET autovacuum = off")
-            conn.execute("SELECT pg_reload_conf()")
+    """A second PostgreSQL cluster, private to this module. Nothing but the tests may
+    read the tables (the cost test counts row reads): autovacuum is off."""
+    with private_cluster("depeche-rs-fresh-cluster-", {"autovacuum": "off"}) as dsn:
         yield dsn
-    finally:
-        stop_embedded(data_dir)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _open(engine: sa.Engine, store_name: str, agg: str) -> tuple[Store, AggregatedStream[AnyEvent]]:
