@@ -163,4 +163,4 @@ def test_the_console_script_lists_the_commands() -> None:
         [str(script), "--help"], capture_output=True, text=True, timeout=30, check=False
     )
     assert result.returncode == 0
-    assert "{demo,project,status,migrate}" in result.stdout
+    assert "{demo,project,status,migrate,generate-migration-script}" in result.stdout

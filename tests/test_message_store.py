@@ -351,7 +351,11 @@ def test_schema_2_per_name_notify_triggers_are_replaced_by_shared_ones(
         functions = conn.exec_driver_sql(
             "SELECT count(*) FROM pg_proc WHERE proname = %s", (old,)
         ).scalar()
-        assert list(triggers) == ["depeche_rs_notify_messages", "depeche_rs_stamp_tx"]
+        assert list(triggers) == [
+            "depeche_rs_notify_messages",
+            "depeche_rs_stamp_tx",
+            "depeche_rs_upkeep_meta",
+        ]
     assert functions == 0
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute(f"LISTEN depeche_{store.name}_messages")

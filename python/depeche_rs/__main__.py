@@ -3,7 +3,8 @@
 - `demo` runs the main job end to end and prints figures;
 - `project` keeps aggregated streams up to date (see docs/cli.md);
 - `status` prints backlogs and subscription lags;
-- `migrate` prints or applies the DDL bringing depeche-db's tables to ours.
+- `migrate` prints or applies the DDL bringing depeche-db's tables to ours;
+- `generate-migration-script` is depeche-db's command of that name (same arguments).
 
 Exit statuses: 0 success or clean stop, 1 unrecoverable error, 2 bad arguments.
 """

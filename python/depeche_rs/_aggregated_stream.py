@@ -312,9 +312,28 @@ class AggregatedStream(Generic[E]):
         return _migrations.stream_migration_ddl(aggregated_stream_name, message_store_name)
 
     @classmethod
+    def get_migration_ddl_0_14_0(cls, aggregated_stream_name: str, message_store_name: str) -> str:
+        """DDL to migrate from < 0.14.0: the full idempotent migration to our layout, then
+        depeche-db 0.14's tables (the store's `_meta`, the stream's `_omax`) created or
+        repaired from the rows under locks that make them exact. Our triggers keep them
+        from then on, so depeche-db 0.14 processes can share the tables."""
+        return "\n".join(
+            [
+                _migrations.store_migration_ddl(message_store_name),
+                _migrations.stream_migration_ddl(aggregated_stream_name, message_store_name),
+                _migrations.depeche_db_0_14_ddl(message_store_name, [aggregated_stream_name]),
+            ]
+        )
+
+    @classmethod
     def migration_script_generators(cls) -> dict[tuple[int, int], list[Any]]:
-        """depeche-db's per-version migration generators; each of ours does the whole job."""
-        return {(0, 8): [cls.get_migration_ddl_0_8_0], (0, 11): [cls.get_migration_ddl_0_11_0]}
+        """depeche-db's per-version migration generators; each of ours does the whole job
+        (the 0.14 one also creates depeche-db 0.14's tables)."""
+        return {
+            (0, 8): [cls.get_migration_ddl_0_8_0],
+            (0, 11): [cls.get_migration_ddl_0_11_0],
+            (0, 14): [cls.get_migration_ddl_0_14_0],
+        }
 
     @classmethod
     def migrate_db_objects(

@@ -5,6 +5,9 @@ Layouts handled for aggregated streams:
 - 0.8 to 0.10: no `origin_stream_global_position` / `origin_stream_added_at` columns;
 - 0.11 to 0.12.2: no `_maxpos` table;
 - 0.13: a row-level notify trigger and no projector cursor.
+
+`depeche_db_0_14_ddl` adds depeche-db 0.14's two tables to a store and its aggregated
+streams (or repairs them), for databases that depeche-db 0.14 processes share.
 """
 
 from __future__ import annotations
@@ -88,3 +91,61 @@ BEGIN{_rename_legacy(old, t)}
 END
 $migrate$;
 """
+
+
+def depeche_db_0_14_ddl(store: str, streams: list[str]) -> str:
+    """Create or repair depeche-db 0.14's tables: the store's per-stream `_meta` and each
+    aggregated stream's per-origin-stream `_omax`, filled from the rows themselves.
+
+    Our triggers keep both tables from then on, for every writer and projector. The
+    fill runs under locks that make it exact: SHARE on the message table (writers wait
+    for it; it waits for writes in flight, so no committed message is missed) and
+    EXCLUSIVE on each aggregated table (the lock both libraries' projectors take).
+    depeche-db 0.14 creating the tables itself has no such locks: a write or projection
+    committing while it fills them is missed by the fill (docs/migrating-from-depeche-db.md).
+    Rows are set to what the tables hold (and rows of streams no longer there deleted),
+    so running it again repairs them, e.g. after a `truncate()`.
+    """
+    _names.validate_name(store, "store name")
+    for agg in streams:
+        _names.validate_name(agg, "aggregated stream name")
+    msgs = _names.message_table(store)
+    meta = _names.meta_table(store)
+    parts = [
+        f"""
+LOCK TABLE {msgs} IN SHARE MODE;
+CREATE TABLE IF NOT EXISTS {meta} (
+    stream varchar(255) PRIMARY KEY,
+    min_global_position integer NOT NULL,
+    max_global_position integer NOT NULL
+);
+INSERT INTO {meta} AS m (stream, min_global_position, max_global_position)
+SELECT stream, min(global_position), max(global_position) FROM {msgs}
+ GROUP BY stream ORDER BY stream
+ON CONFLICT (stream) DO UPDATE
+   SET min_global_position = EXCLUDED.min_global_position,
+       max_global_position = EXCLUDED.max_global_position
+ WHERE (m.min_global_position, m.max_global_position)
+       IS DISTINCT FROM (EXCLUDED.min_global_position, EXCLUDED.max_global_position);
+DELETE FROM {meta} AS m
+ WHERE NOT EXISTS (SELECT 1 FROM {msgs} AS s WHERE s.stream = m.stream);"""
+    ]
+    for agg in streams:
+        t = _names.stream_table(agg)
+        omax = _names.omax_table(agg)
+        parts.append(f"""
+LOCK TABLE {t} IN EXCLUSIVE MODE;
+CREATE TABLE IF NOT EXISTS {omax} (
+    origin_stream varchar(255) PRIMARY KEY,
+    max_aggregated_origin_global_position integer NOT NULL
+);
+INSERT INTO {omax} AS o (origin_stream, max_aggregated_origin_global_position)
+SELECT origin_stream, max(origin_stream_global_position) FROM {t}
+ GROUP BY origin_stream ORDER BY origin_stream
+ON CONFLICT (origin_stream) DO UPDATE
+   SET max_aggregated_origin_global_position = EXCLUDED.max_aggregated_origin_global_position
+ WHERE o.max_aggregated_origin_global_position
+       IS DISTINCT FROM EXCLUDED.max_aggregated_origin_global_position;
+DELETE FROM {omax} AS o
+ WHERE NOT EXISTS (SELECT 1 FROM {t} AS a WHERE a.origin_stream = o.origin_stream);""")
+    return "\n".join(parts) + "\n"

@@ -132,6 +132,12 @@ def store_channel(store: str) -> str:
     return f"depeche_{store}_messages"
 
 
+def meta_table(store: str) -> str:
+    """depeche-db 0.14's per-stream table of store `store` (first and highest global
+    position written per stream); kept by our triggers when it exists."""
+    return f"depeche_msgs_{store}_meta"
+
+
 def write_function(store: str) -> str:
     """depeche-db's single-message write function of store `store`."""
     return f"depeche_write_message_{store}"
@@ -145,6 +151,12 @@ def stream_table(agg: str) -> str:
 def maxpos_table(agg: str) -> str:
     """The per-partition max position table of aggregated stream `agg`."""
     return f"depeche_stream_{agg}_maxpos"
+
+
+def omax_table(agg: str) -> str:
+    """depeche-db 0.14's per-origin-stream table of aggregated stream `agg` (highest
+    global position projected per origin stream); kept by our triggers when it exists."""
+    return f"depeche_stream_{agg}_omax"
 
 
 def cursor_table(agg: str) -> str:

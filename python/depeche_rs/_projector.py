@@ -18,6 +18,7 @@ from ._interfaces import (
     StoredMessage,
     TimeBudget,
 )
+from ._timings import Timings
 
 if TYPE_CHECKING:
     from ._aggregated_stream import AggregatedStream
@@ -106,6 +107,7 @@ class StreamProjector(Generic[E]):
         self._builtin = builtin_partitioner(partitioner)
         self._lock = _threading.Lock()
         self._native: _native.Projector | None = None
+        self.timings = Timings(enabled=False)
         stream.store._connection_owners.add(self.close)
 
     @property
@@ -139,16 +141,16 @@ class StreamProjector(Generic[E]):
         Returns `(n_updated_messages, more_messages_available)`. When another projector
         holds the stream's lock, returns `(0, False)` at once.
         """
-        with self._lock:
+        with self._lock, self.timings.span("update_full"):
             native = self._get_native()
-            projected, more, _locked = native.run(self._resolve, budget)
+            projected, more, _locked = native.run(self._timed_resolve, budget)
         return FullUpdateResult(projected, more)
 
     def update_batch(self) -> FullUpdateResult:
         """Project at most one batch."""
-        with self._lock:
+        with self._lock, self.timings.span("update_batch"):
             native = self._get_native()
-            projected, more, _locked = native.run(self._resolve, None, 1)
+            projected, more, _locked = native.run(self._timed_resolve, None, 1)
         return FullUpdateResult(projected, more)
 
     def close(self) -> None:
@@ -170,6 +172,12 @@ class StreamProjector(Generic[E]):
                 modulus,
             )
         return self._native
+
+    def _timed_resolve(
+        self, rows: list[tuple[Any, ...]], need_partition: bool
+    ) -> list[tuple[int | None, _dt.datetime]]:
+        with self.timings.span("resolve"):
+            return self._resolve(rows, need_partition)
 
     def _resolve(
         self, rows: list[tuple[Any, ...]], need_partition: bool

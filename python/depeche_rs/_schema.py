@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from . import _names
 from ._connection import connect, execute_script
 
-SCHEMA_VERSION = "depeche-rs schema 3"
+SCHEMA_VERSION = "depeche-rs schema 4"
 
 # The same expression depeche-db's write function uses, so both writers serialise on the
 # same per-stream lock.
@@ -61,6 +61,55 @@ BEGIN
       'message_id', n.message_id, 'partition', n.partition, 'position', n.position)::text)
   FROM (SELECT DISTINCT ON (partition) message_id, partition, position
           FROM new_rows ORDER BY partition, position DESC) AS n;
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;"""
+
+# depeche-db 0.14 keeps two more tables that its projector reads to find work:
+# `depeche_msgs_<store>_meta` (per stream: first and highest global position written),
+# kept by its row trigger on the message table, and `depeche_stream_<agg>_omax` (per
+# origin stream: highest global position projected), kept by its projector. Whoever
+# writes or projects must keep them, or depeche-db 0.14 misses messages (meta behind)
+# or projects a message twice (omax behind). These statement-level triggers keep them
+# for every insert (ours, depeche-db's, an operator's), with depeche-db's semantics
+# (min set once, max only grows), and cost one catalog lookup where the table does not
+# exist. Rows are upserted in key order, so concurrent statements lock them in one order.
+# Like depeche-db's trigger they are not ENABLE ALWAYS: a logical-replication subscriber
+# gets these tables' rows from the publisher, not from its apply worker's inserts.
+UPKEEP_META_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_upkeep_meta() RETURNS trigger AS $$
+BEGIN
+  IF to_regclass(format('%I.%I', TG_TABLE_SCHEMA, TG_ARGV[0])) IS NULL THEN
+    RETURN NULL;
+  END IF;
+  EXECUTE format(
+    'INSERT INTO %1$I.%2$I AS m (stream, min_global_position, max_global_position) '
+    'SELECT stream, min(global_position), max(global_position) FROM new_rows '
+    'GROUP BY stream ORDER BY stream '
+    'ON CONFLICT (stream) DO UPDATE SET max_global_position = '
+    'GREATEST(m.max_global_position, EXCLUDED.max_global_position) '
+    'WHERE m.max_global_position < EXCLUDED.max_global_position',
+    TG_TABLE_SCHEMA, TG_ARGV[0]);
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;"""
+
+UPKEEP_OMAX_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_upkeep_omax() RETURNS trigger AS $$
+BEGIN
+  IF to_regclass(format('%I.%I', TG_TABLE_SCHEMA, TG_ARGV[0])) IS NULL THEN
+    RETURN NULL;
+  END IF;
+  EXECUTE format(
+    'INSERT INTO %1$I.%2$I AS o (origin_stream, max_aggregated_origin_global_position) '
+    'SELECT origin_stream, max(origin_stream_global_position) FROM new_rows '
+    'GROUP BY origin_stream ORDER BY origin_stream '
+    'ON CONFLICT (origin_stream) DO UPDATE SET max_aggregated_origin_global_position = '
+    'GREATEST(o.max_aggregated_origin_global_position, '
+    'EXCLUDED.max_aggregated_origin_global_position) '
+    'WHERE o.max_aggregated_origin_global_position '
+    '< EXCLUDED.max_aggregated_origin_global_position',
+    TG_TABLE_SCHEMA, TG_ARGV[0]);
   RETURN NULL;
 END;
 $$ LANGUAGE plpgsql;"""
@@ -202,6 +251,12 @@ DROP TRIGGER IF EXISTS depeche_rs_notify_messages ON {t};
 CREATE TRIGGER depeche_rs_notify_messages
   AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_notify_messages('{channel}');
+-- depeche-db 0.14's row trigger (dropped above: it notifies too) kept its meta table.
+{UPKEEP_META_FUNCTION}
+DROP TRIGGER IF EXISTS depeche_rs_upkeep_meta ON {t};
+CREATE TRIGGER depeche_rs_upkeep_meta
+  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_upkeep_meta('{_names.meta_table(store)}');
 COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
 """
 
@@ -271,6 +326,12 @@ DROP TRIGGER IF EXISTS depeche_rs_notify_partitions ON {t};
 CREATE TRIGGER depeche_rs_notify_partitions
   AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_notify_partitions('{channel}');
+-- depeche-db 0.14's projector keeps its omax table itself; ours (and anyone's) through this.
+{UPKEEP_OMAX_FUNCTION}
+DROP TRIGGER IF EXISTS depeche_rs_upkeep_omax ON {t};
+CREATE TRIGGER depeche_rs_upkeep_omax
+  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_upkeep_omax('{_names.omax_table(agg)}');
 
 -- Whoever deletes projected rows (depeche-db's truncate() is a DELETE, ours too, an
 -- operator's TRUNCATE) invalidates the cursors' promise that everything below them is

@@ -30,6 +30,12 @@ class Storage:
         return _names.message_table(name)
 
     @staticmethod
+    def meta_table_name(name: str) -> str:
+        """depeche-db 0.14's per-stream table of store `name` (kept by our triggers when it
+        exists; `AggregatedStream.get_migration_ddl_0_14_0` creates it)."""
+        return _names.meta_table(name)
+
+    @staticmethod
     def notification_channel_name(name: str) -> str:
         """The channel notified when messages are written to store `name`."""
         return _names.store_channel(name)

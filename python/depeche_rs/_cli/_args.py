@@ -144,7 +144,41 @@ def _add_migrate(commands: Any) -> None:
             "triggers disabled; projects only what is missing)"
         ),
     )
+    p.add_argument(
+        "--depeche-db-0.14",
+        dest="depeche_db_0_14",
+        action="store_true",
+        help=(
+            "also create (or repair) depeche-db 0.14's tables, the store's _meta and the "
+            "--stream aggregated streams' _omax, exactly, under locks (for databases that "
+            "depeche-db 0.14 processes share)"
+        ),
+    )
     p.add_argument("--apply", action="store_true", help="apply it instead of printing it")
+
+
+def _add_generate_migration_script(commands: Any) -> None:
+    # depeche-db's `python -m depeche_db generate-migration-script`, same arguments.
+    p = commands.add_parser(
+        "generate-migration-script",
+        help="depeche-db's migration script command: print the DDL for a version range",
+        description=(
+            "Print the migration DDL from depeche-db version PREV to TARGET for the given "
+            "aggregated streams, as `python -m depeche_db generate-migration-script` does. "
+            "Every step is depeche-rs's idempotent migration; the 0.14 step also creates "
+            "depeche-db 0.14's tables."
+        ),
+    )
+    p.add_argument("prev_version", help="previous version (e.g. '0.8')")
+    p.add_argument("target_version", help="target version (e.g. '0.14')")
+    p.add_argument("--message-store", required=True, help="name of the message store")
+    p.add_argument(
+        "--aggregated-stream",
+        action="append",
+        required=True,
+        dest="aggregated_streams",
+        help="name of an aggregated stream (repeatable)",
+    )
 
 
 def add_commands(commands: Any) -> None:
@@ -152,6 +186,7 @@ def add_commands(commands: Any) -> None:
     _add_project(commands)
     _add_status(commands)
     _add_migrate(commands)
+    _add_generate_migration_script(commands)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -172,6 +207,10 @@ def run_command(args: argparse.Namespace) -> int:
             from ._migrate import run_migrate
 
             return run_migrate(args)
+        if args.command == "generate-migration-script":
+            from ._migrate import run_generate_migration_script
+
+            return run_generate_migration_script(args)
     except ConfigError as exc:
         print(f"depeche-rs {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

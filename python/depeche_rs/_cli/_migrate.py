@@ -24,7 +24,11 @@ _LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{_schema.DDL_LOCK_KE
 
 
 def migration_script(
-    store: str, streams: list[str], subscriptions: list[str], reset_cursors: bool = False
+    store: str,
+    streams: list[str],
+    subscriptions: list[str],
+    reset_cursors: bool = False,
+    depeche_db_0_14: bool = False,
 ) -> str:
     """The whole script, without BEGIN/COMMIT."""
     try:
@@ -48,7 +52,44 @@ def migration_script(
             f"-- subscription state {name}",
             _migrations.subscription_migration_ddl(name).strip(),
         ]
+    if depeche_db_0_14:
+        parts += [
+            "-- depeche-db 0.14's tables",
+            _migrations.depeche_db_0_14_ddl(store, streams).strip(),
+        ]
     return "\n\n".join(parts) + "\n"
+
+
+def _version(text: str) -> tuple[int, int]:
+    try:
+        major, minor, *_ = (int(part) for part in text.split("."))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a version: write it as 0.13 or 0.13.1") from None
+    return major, minor
+
+
+def run_generate_migration_script(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """`generate-migration-script PREV TARGET`, as depeche-db's command prints it."""
+    from .._aggregated_stream import AggregatedStream
+
+    out = out if out is not None else sys.stdout
+    prev, target = _version(args.prev_version), _version(args.target_version)
+    try:
+        _names.validate_name(args.message_store, "store name")
+        for stream in args.aggregated_streams:
+            _names.validate_name(stream, "aggregated stream name")
+    except InvalidNameError as exc:
+        raise ConfigError(str(exc)) from exc
+    for version, generators in AggregatedStream.migration_script_generators().items():
+        if not prev <= version <= target:
+            continue
+        print("-- Migration for version:", ".".join(map(str, version)), file=out)
+        for stream in args.aggregated_streams:
+            print(f"-- Migration for aggregated stream: {stream}", file=out)
+            for generator in generators:
+                print(generator(stream, args.message_store), file=out)
+            print(file=out)
+    return 0
 
 
 def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -56,7 +97,9 @@ def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     streams = list(dict.fromkeys(args.stream or []))
     subscriptions = list(dict.fromkeys(args.subscription or []))
-    script = migration_script(args.store, streams, subscriptions, args.reset_cursors)
+    script = migration_script(
+        args.store, streams, subscriptions, args.reset_cursors, args.depeche_db_0_14
+    )
     if not args.apply:
         # A printed script is for psql: one transaction, all or nothing.
         print(
