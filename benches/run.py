@@ -37,6 +37,7 @@ from harness.workloads import (  # noqa: E402
     memory,
     projection,
     sql_ceiling,
+    write_triggers,
     writes,
 )
 
@@ -47,6 +48,7 @@ WORKLOADS: dict[str, ModuleType] = {
     "latency": latency,
     "drain": drain,
     "writes": writes,
+    "write_triggers": write_triggers,
     "held_xid": held_xid,
     "memory": memory,
 }
