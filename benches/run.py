@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="1M-message projection backlog (use --streams 1000000 for 1M streams too)",
     )
+    parser.add_argument(
+        "--projection-kinds",
+        help="comma-separated projection kinds: stream-name, python-field, "
+        "stream-name-untimed (default: all; the ceilings run for the stream-name ones)",
+    )
     parser.add_argument("--batch-size", type=int, help="projector update_batch_size (both)")
     parser.add_argument(
         "--subscription-batch-size", type=int, help="subscription batch_size (both)"
@@ -181,6 +186,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
     for field, value in overrides.items():
         if value is not None:
             setattr(settings, field, value)
+    if args.projection_kinds:
+        settings.projection_kinds = [k.strip() for k in args.projection_kinds.split(",")]
     if args.memory_sizes:
         settings.memory_sizes = [int(size) for size in args.memory_sizes.split(",")]
     if args.workloads is None:
@@ -228,17 +235,25 @@ def run_workloads(bench: Bench) -> list[Figure]:
         figures.extend(produced)
         by_key.update({figure.key: figure for figure in produced})
     for figure in by_key.values():
-        note_identical_output(bench, figure, by_key.get("projection/sql-ceiling"))
-    # Our fraction of the ceiling sits right after the ceiling in the table.
-    stream_name_projection = by_key.get("projection/stream-name")
-    ceiling = by_key.get("projection/sql-ceiling")
-    if stream_name_projection is not None and ceiling is not None:
-        position = figures.index(ceiling) + 1
-        figures.insert(position, sql_ceiling.fractions(stream_name_projection, ceiling))
+        note_identical_output(bench, figure, by_key)
+    # Each fraction of a ceiling sits right after that ceiling in the table.
+    for suffix in ("", "-untimed"):
+        projected = by_key.get(f"projection/stream-name{suffix}")
+        ceiling = by_key.get(f"projection/sql-ceiling{suffix}")
+        if projected is not None and ceiling is not None:
+            position = figures.index(ceiling) + 1
+            figures.insert(position, sql_ceiling.fractions(projected, ceiling))
     return figures
 
 
-def note_identical_output(bench: Bench, figure: Figure, ceiling: Figure | None) -> None:
+# Projections compared with a ceiling: the same data, the same placement expected.
+CEILING_OF = {
+    "projection/stream-name": "projection/sql-ceiling",
+    "projection/stream-name-untimed": "projection/sql-ceiling-untimed",
+}
+
+
+def note_identical_output(bench: Bench, figure: Figure, by_key: dict[str, Figure]) -> None:
     """Record whether every projection of the same data put every message in the same
     partition and position: only then do their speeds compare like with like."""
     if not figure.key.startswith("projection/") or figure.shared:
@@ -246,8 +261,11 @@ def note_identical_output(bench: Bench, figure: Figure, ceiling: Figure | None) 
     digests = {
         lib: {detail.get("digest") for detail in details} for lib, details in figure.details.items()
     }
-    if figure.key == "projection/stream-name" and ceiling is not None:
-        digests.update({lib: {d.get("digest") for d in ds} for lib, ds in ceiling.details.items()})
+    ceiling = by_key.get(CEILING_OF.get(figure.key, ""))
+    if ceiling is not None:
+        digests.update(
+            {f"{lib} ceiling": {d.get("digest") for d in ds} for lib, ds in ceiling.details.items()}
+        )
     distinct = set().union(*digests.values()) if digests else set()
     if len(digests) < 2:
         return

@@ -42,6 +42,8 @@ class Settings:
     held_xid_streams: int
     held_xid_time_limit_s: float
     workloads: list[str]
+    # Projection kinds to run (empty: all); the ceilings follow the stream-name kinds.
+    projection_kinds: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def full(cls) -> Settings:

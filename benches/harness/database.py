@@ -103,6 +103,7 @@ def generate_backlog(
     messages: int,
     streams: int,
     chunk: int = 250_000,
+    record_time: bool = True,
 ) -> None:
     """Append `messages` messages round-robin over `streams` streams to a store's table.
 
@@ -111,10 +112,11 @@ def generate_backlog(
     libraries project identical rows. Columns are named explicitly because depeche-rs may
     add columns with defaults; a message-time column `occurred_at`, if present, is filled
     as depeche-rs's own writer would fill it, so its projector is not pushed onto a
-    fallback path that real data would not take.
+    fallback path that real data would not take. `record_time=False` leaves it NULL, as
+    depeche-db's writer does: the rows a migrating user has.
     """
     table = message_table(store)
-    has_occurred_at = "occurred_at" in table_columns(conn, table)
+    has_occurred_at = record_time and "occurred_at" in table_columns(conn, table)
     extra_col = ", occurred_at" if has_occurred_at else ""
     extra_val = ", g.ts" if has_occurred_at else ""
     # Message i (1-based) goes to stream (i-1) % streams, as version (i-1) // streams + 1:
@@ -145,6 +147,16 @@ def generate_backlog(
     # Both libraries start from a vacuumed, analysed table: otherwise whoever reads first
     # pays for setting hint bits and may get a plan made for an empty table.
     conn.execute(f"VACUUM ANALYZE {table}".encode())
+
+
+def checkpoint(conn: psycopg.Connection[Any]) -> None:
+    """Start a measurement from a fresh checkpoint, so no measurement pays for flushing
+    what the backlog generation dirtied and every one writes its full-page images alike.
+    Skipped without the privilege (superuser or pg_checkpoint)."""
+    try:
+        conn.execute("CHECKPOINT")
+    except psycopg.errors.InsufficientPrivilege:
+        pass
 
 
 def drop_objects(conn: psycopg.Connection[Any], marker: str) -> int:

@@ -10,14 +10,35 @@ from ..bench import Bench, error_text
 from ..figures import Figure
 from ..libraries import PYTHON_FIELD, STREAM_NAME, Library
 
-KINDS = {STREAM_NAME: "StreamNamePartitioner", PYTHON_FIELD: "Python partitioner (message field)"}
-TAGS = {STREAM_NAME: "pjs", PYTHON_FIELD: "pjp"}
+# Rows with the message time recorded at write time (depeche-rs's writer) or without it
+# (depeche-db's writer: the projector then reads the time from the message body).
+TIMED = "timed"
+UNTIMED = "untimed"
+STREAM_NAME_UNTIMED = f"{STREAM_NAME}-{UNTIMED}"
+KINDS = {
+    STREAM_NAME: "StreamNamePartitioner",
+    PYTHON_FIELD: "Python partitioner (message field)",
+    STREAM_NAME_UNTIMED: "StreamNamePartitioner, rows without a recorded message time",
+}
+TAGS = {STREAM_NAME: "pjs", PYTHON_FIELD: "pjp", STREAM_NAME_UNTIMED: "pju"}
+# depeche-db's rows never carry a message time: the untimed case is its only case.
+ONLY = {STREAM_NAME_UNTIMED: ["depeche_rs"]}
 # An update that projects nothing this many times in a row means the projector is stuck.
 _MAX_IDLE_UPDATES = 3
 
 
+def kinds(bench: Bench) -> list[str]:
+    """The kinds this run measures (`--projection-kinds`, default all)."""
+    chosen = bench.settings.projection_kinds
+    return [kind for kind in KINDS if not chosen or kind in chosen]
+
+
 def steps(bench: Bench) -> int:
-    return len(KINDS) * bench.settings.repetitions * len(bench.libraries)
+    return sum(
+        bench.settings.repetitions
+        * sum(1 for lib in bench.libraries if lib in ONLY.get(kind, [lib]))
+        for kind in kinds(bench)
+    )
 
 
 def project_all(stream: Any, expected: int) -> int:
@@ -56,8 +77,18 @@ def measure(bench: Bench, lib: Library, kind: str, repetition: int) -> dict[str,
     with bench.scratch(name):
         store = lib.store(name)
         aggregated = f"{name}_a"
-        stream = lib.aggregated_stream(store, aggregated, kind, settings.projector_batch_size)
-        database.generate_backlog(bench.conn, name, settings.messages, settings.streams)
+        partitioner = STREAM_NAME if kind == STREAM_NAME_UNTIMED else kind
+        stream = lib.aggregated_stream(
+            store, aggregated, partitioner, settings.projector_batch_size
+        )
+        database.generate_backlog(
+            bench.conn,
+            name,
+            settings.messages,
+            settings.streams,
+            record_time=kind != STREAM_NAME_UNTIMED,
+        )
+        database.checkpoint(bench.conn)
         started = time.perf_counter()
         projected = project_all(stream, settings.messages)
         elapsed = time.perf_counter() - started
@@ -84,6 +115,7 @@ def run(bench: Bench) -> list[Figure]:
             better="higher",
             group="projection",
             throughput=True,
+            only=ONLY.get(kind, []),
             params={
                 "messages": settings.messages,
                 "streams": settings.streams,
@@ -91,11 +123,14 @@ def run(bench: Bench) -> list[Figure]:
             },
         )
         for kind, label in KINDS.items()
+        if kind in kinds(bench)
     }
     for repetition in range(settings.repetitions):
-        for kind in KINDS:
+        for kind in figures:
             for lib in bench.order(repetition):
                 figure = figures[kind]
+                if not figure.measures(lib.name):
+                    continue
                 try:
                     with bench.progress.running(f"projection {kind} {lib.label}"):
                         detail = measure(bench, lib, kind, repetition)
