@@ -82,9 +82,14 @@ def projection_sql(msgs: str, agg: str) -> tuple[str, str]:
                  AT TIME ZONE 'UTC',
                src.global_position, src.added_at
         FROM (
-            SELECT m.*, {_PARTITION_SQL} AS partition
-            FROM {msgs} AS m
-            WHERE m.stream LIKE %s
+            SELECT h.*, get_byte(h.digest, 0) + 256 * get_byte(h.digest, 1) AS partition
+            FROM (
+                -- OFFSET 0 keeps the digest computed once per row, not once per use.
+                SELECT m.*, sha256(convert_to(m.stream, 'UTF8')) AS digest
+                FROM {msgs} AS m
+                WHERE m.stream LIKE %s
+                OFFSET 0
+            ) AS h
         ) AS src
         LEFT JOIN {maxpos} AS mp ON mp.partition = src.partition
     """
