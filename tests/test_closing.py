@@ -148,3 +148,50 @@ def test_closing_one_store_leaves_another_on_the_same_engine_open(
     _eventually(lambda: _sessions(dsn, name), 0)
     _drop(dsn, name)
     assert alive
+
+
+class _CyclicOwner:
+    """An owner only the cyclic garbage collector frees (it refers to itself)."""
+
+    def __init__(self) -> None:
+        self.me = self
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_owners_survive_the_collector_running_inside_their_own_calls() -> None:
+    # CI hung here once: a weakref callback, run by a collection that `add` itself set
+    # off, waited for the lock `add` held. With the collector forced to run on nearly
+    # every allocation, owners dying in cycles while others register must neither
+    # deadlock nor leave dead entries behind.
+    import gc
+    import threading
+
+    from depeche_rs._connection import ConnectionOwners
+
+    owners = ConnectionOwners()
+    kept = [_CyclicOwner() for _ in range(5)]
+    outcome: list[str] = []
+
+    def churn() -> None:
+        threshold = gc.get_threshold()
+        gc.set_threshold(1, 1, 1)
+        try:
+            for owner in kept:
+                owners.add(owner.close)
+            for _ in range(2000):
+                owners.add(_CyclicOwner().close)
+            owners.close_all()
+        finally:
+            gc.set_threshold(*threshold)
+        gc.collect()
+        outcome.append("done")
+
+    worker = threading.Thread(target=churn, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome == ["done"], "ConnectionOwners deadlocked under garbage collection"
+    assert len(owners) == len(kept)
+    assert [owner.closed for owner in kept] == [1] * len(kept)

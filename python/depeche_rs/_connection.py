@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import threading
@@ -119,22 +120,37 @@ class ConnectionOwners:
         self._mutex = threading.Lock()
         self._keys = itertools.count()
         self._closers: dict[int, weakref.WeakMethod[Callable[[], None]]] = {}
+        # Keys of collected owners. A weakref callback runs wherever the garbage collector
+        # runs, which can be inside `add` or `close_all` with `_mutex` held by the same
+        # thread: the callback only appends here (atomic, no lock) and the purge happens
+        # under the lock on the next call.
+        self._dead: collections.deque[int] = collections.deque()
+
+    def _purge(self) -> None:
+        while self._dead:
+            self._closers.pop(self._dead.popleft(), None)
 
     def add(self, close: Callable[[], None]) -> None:
         """Register a bound `close` method."""
         key = next(self._keys)
-
-        def forget(_: object) -> None:
-            with self._mutex:
-                self._closers.pop(key, None)
-
+        dead = self._dead  # not `self`: the callback must not keep the owners alive
+        ref = weakref.WeakMethod(close, lambda _: dead.append(key))
         with self._mutex:
-            self._closers[key] = weakref.WeakMethod(close, forget)
+            self._purge()
+            self._closers[key] = ref
+
+    def __len__(self) -> int:
+        """How many registered owners are still alive."""
+        with self._mutex:
+            self._purge()
+            return len(self._closers)
 
     def close_all(self) -> None:
         """Call every live `close`; the first error is raised after all were called."""
         with self._mutex:
-            closers = [ref() for ref in self._closers.values()]
+            self._purge()
+            refs = list(self._closers.values())
+        closers = [ref() for ref in refs]
         first: Exception | None = None
         for close in closers:
             if close is None:
