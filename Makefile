@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TOOLS := $(VENV)/.build-tools
+# maturin links with zig (ziglang from PyPI, found on PATH) to target glibc 2.17 without Docker.
+BUILD_TOOLS := "maturin>=1.8,<2" ziglang auditwheel
 
 .DEFAULT_GOAL := help
 .PHONY: help install build wheel demo test lint format bench clean
@@ -10,9 +13,12 @@ STAMP := $(VENV)/.installed
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Cargo.toml
+$(TOOLS): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip maturin
+	$(BIN)/pip install -q --upgrade pip $(BUILD_TOOLS)
+	touch $(TOOLS)
+
+$(STAMP): pyproject.toml Cargo.toml | $(TOOLS)
 	$(BIN)/pip install -q -e ".[test,lint]"
 	touch $(STAMP)
 
@@ -21,8 +27,11 @@ install: $(STAMP) ## create .venv and install the package (release build) with t
 build: $(STAMP) ## rebuild the native module into .venv after Rust changes
 	$(BIN)/maturin develop --release -q
 
-wheel: $(STAMP) ## build the release wheel (manylinux_2_34, abi3, no OpenSSL) into dist/
-	$(BIN)/maturin build --release --compatibility manylinux_2_34 -o dist
+wheel: $(TOOLS) ## build the manylinux2014 abi3 wheel (zig) and the sdist into dist/, and check both
+	rm -f dist/depeche_rs-*
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/maturin build --release --zig --compatibility manylinux2014 -o dist
+	$(BIN)/maturin sdist -o dist
+	$(BIN)/python scripts/check_dist.py dist
 
 demo: $(STAMP) ## write 50k messages, project them and subscribe, on the embedded PostgreSQL, with figures
 	$(BIN)/python -m depeche_rs demo
