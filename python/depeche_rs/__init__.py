@@ -64,13 +64,12 @@ from ._message_store import (
     MessageStoreReader,
     MessageStoreReaderProtocol,
 )
+from ._native import __version__ as __version__
 from ._projector import FullUpdateResult, StreamProjector
 from ._start_points import StartAtNextMessage, StartAtPointInTime
 from ._storage import Storage
 from ._subscription import Subscription
 from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AckOp",

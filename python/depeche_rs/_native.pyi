@@ -4,7 +4,9 @@ import datetime
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["Projector", "hash_mod_partition", "stream_name_partition"]
+__all__ = ["Projector", "__version__", "hash_mod_partition", "stream_name_partition"]
+
+__version__: str
 
 def stream_name_partition(stream: str) -> int:
     """First two bytes of sha256(stream), little endian."""
