@@ -40,11 +40,12 @@ test: $(STAMP) ## run the Rust unit tests and the whole pytest suite against rea
 	cargo test -q
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP) ## ruff, mypy --strict, stubtest, cargo fmt --check, clippy -D warnings
+lint: $(STAMP) ## ruff, mypy --strict, stubtest, workflow schema, cargo fmt --check, clippy -D warnings
 	$(BIN)/ruff check python tests benches scripts
 	$(BIN)/ruff format --check python tests
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest depeche_rs._native
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	cargo fmt --check
 	cargo clippy --all-targets -q -- -D warnings
 
