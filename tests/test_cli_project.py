@@ -7,6 +7,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -306,10 +308,11 @@ def test_metrics_endpoint_serves_prometheus_text_with_moving_counters(
     assert before <= _series(m, "depeche_rs_last_batch_timestamp_seconds", stream=s) <= time.time()
     count = _series(m, "depeche_rs_batch_duration_seconds_count", stream=s)
     assert count == 3  # 50 + 50 + 20
+    # Label order within a sample carries no meaning (prometheus_client puts `le` first).
     buckets = [
-        (labels[1][1], value)
+        (dict(labels)["le"], value)
         for (name, labels), value in m["samples"].items()
-        if name == "depeche_rs_batch_duration_seconds_bucket" and labels[0] == ("stream", s)
+        if name == "depeche_rs_batch_duration_seconds_bucket" and dict(labels)["stream"] == s
     ]
     assert buckets[-1] == ("+Inf", count)
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)
@@ -329,6 +332,33 @@ def test_metrics_endpoint_serves_prometheus_text_with_moving_counters(
     assert _series(m, "depeche_rs_reconnects_total", connection="listen") == 1
     assert _series(m, "depeche_rs_batch_duration_seconds_count", stream=s) == 4
     assert p.stop() == 0
+
+
+def test_metrics_port_without_prometheus_client_says_what_to_install(
+    store: Store, stream_name: str, dsn: str
+) -> None:
+    # prometheus_client is the optional `metrics` extra: hide it as if it were not installed.
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None; "
+        "from depeche_rs.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = _project(
+        dsn, store.name, stream_name, "--partitioner", "hash-mod:2", "--metrics-port", "0"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        forget_registrations(dsn, stream_name)
+    assert done.returncode == 1, done.stderr
+    errors = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    errors += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in errors if e.get("event") == "error"]
+    assert messages == [
+        "cannot serve metrics on 0.0.0.0:0: serving metrics needs prometheus_client: "
+        "pip install 'depeche-rs[metrics]'"
+    ]
 
 
 def test_a_config_file_projects_several_streams_in_one_process(

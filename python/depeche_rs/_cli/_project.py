@@ -30,7 +30,7 @@ from ._control import ControlConnection
 from ._json_messages import JsonSerializer, Resolve, json_resolver
 from ._logging import event, setup_logging
 from ._loop import ProjectedStream, ProjectLoop
-from ._metrics import MetricsServer, ProjectorMetrics
+from ._metrics import MetricsServer, MetricsUnavailableError, ProjectorMetrics
 from ._signals import Abandoned, StopSignal
 
 
@@ -184,7 +184,7 @@ def run_project(settings: ProjectSettings) -> int:
         if settings.metrics_port is not None:
             try:
                 server = MetricsServer(metrics, settings.metrics_host, settings.metrics_port)
-            except OSError as exc:
+            except (OSError, MetricsUnavailableError) as exc:
                 event(
                     logging.ERROR,
                     "error",
@@ -192,7 +192,6 @@ def run_project(settings: ProjectSettings) -> int:
                     f"{settings.metrics_port}: {exc}",
                 )
                 return 1
-            server.start()
             event(
                 logging.INFO,
                 "metrics",
