@@ -21,13 +21,6 @@ MISSING_ON_PURPOSE: dict[str, str] = {
     "depeche_db.StreamProjector.get_origin_stream_positions": (
         "internals of depeche-db's per-stream look-back algorithm; ours uses a cursor"
     ),
-    **{
-        f"depeche_db.Storage.{method}": "depeche-db row layer under MessageStore; use MessageStore"
-        for method in (
-            "add add_all get_global_position get_max_version get_message_by_id "
-            "get_message_ids get_messages_by_ids read read_multiple read_wildcard truncate"
-        ).split()
-    },
     "depeche_db.experimental.threaded_executor.HandlerRegistration": (
         "depeche-db's record of a registered handler; ThreadedExecutor keeps the handlers "
         "in channel_register"

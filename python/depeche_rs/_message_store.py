@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib as _contextlib
 import datetime as _dt
-import json as _json
-import re as _re
 import uuid as _uuid
 import weakref as _weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as _sa
 
-from . import _names, _schema
+from . import _names
 from ._connection import ConnectionOwners as _ConnectionOwners
 from ._connection import connect as _connect
 from ._connection import libpq_dsn as _libpq_dsn
@@ -23,10 +21,10 @@ from ._exceptions import (
     InvalidMessageError,
     MessageIdMismatchError,
     MessageNotFound,
-    OptimisticConcurrencyError,
     SerializationError,
 )
 from ._interfaces import MessagePosition, MessageProtocol, MessageSerializer, StoredMessage
+from ._storage import Storage, as_uuid
 
 if TYPE_CHECKING:
     from ._factories import AggregatedStreamFactory
@@ -35,8 +33,6 @@ E = TypeVar("E", bound=MessageProtocol)
 T = TypeVar("T")
 
 _COLUMNS = "message_id, stream, version, message, global_position, added_at"
-# A JSON escape of NUL (which jsonb cannot store): "\u0000" after an even run of backslashes.
-_NUL_ESCAPE = _re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class MessageStoreReaderProtocol(Protocol[E]):
@@ -128,7 +124,7 @@ class MessageStoreReader(Generic[E]):
         """
         row = self._conn.exec_driver_sql(
             f"SELECT {_COLUMNS} FROM {self._table} WHERE message_id = %s",
-            (_as_uuid(message_id),),
+            (as_uuid(message_id),),
         ).first()
         if row is None:
             raise MessageNotFound(message_id)
@@ -136,7 +132,7 @@ class MessageStoreReader(Generic[E]):
 
     def get_messages_by_ids(self, message_ids: Sequence[_uuid.UUID]) -> Iterator[StoredMessage[E]]:
         """Yield the messages with the given ids, in the order given; unknown ids are skipped."""
-        ids = [_as_uuid(i) for i in message_ids]
+        ids = [as_uuid(i) for i in message_ids]
         if not ids:
             return
         rows = self._conn.exec_driver_sql(
@@ -202,12 +198,9 @@ class MessageStore(Generic[E]):
         self._connection_owners = _ConnectionOwners()
         _owners_of(self.engine).add(self._connection_owners.close_all)
         self._serializer = serializer
-        self._table = _names.message_table(name)
-        self._write_sql = (
-            f"SELECT version, global_position FROM depeche_rs_write_{name}"
-            "(%s::uuid[], %s, %s::jsonb[], %s::timestamptz[], %s::bigint)"
-        )
-        _schema.ensure_store(self.engine, name)
+        # depeche-db's row layer; every write goes through its `add_all` (creating it
+        # creates or upgrades the store's database objects).
+        self._storage = Storage(name, self.engine)
         self.aggregated_stream: AggregatedStreamFactory[E] = AggregatedStreamFactory(store=self)
 
     @property
@@ -237,7 +230,7 @@ class MessageStore(Generic[E]):
     def truncate(self) -> None:
         """Delete all messages of the store (aggregated streams are not touched)."""
         with _connect(self.engine) as conn:
-            conn.exec_driver_sql(f"DELETE FROM {self._table}")
+            self._storage.truncate(conn)
             conn.commit()
 
     def write(
@@ -279,10 +272,12 @@ class MessageStore(Generic[E]):
             raise TypeError("messages must be a sequence of messages")
         if not messages:
             raise ValueError("write_many needs at least one message")
-        ids, bodies, times = self._encode(messages)
-        params = (ids, stream, bodies, times, expected_version)
+        pairs, times = self._encode(messages)
         return self._in_transaction(
-            conn, lambda c: self._execute_write(c, stream, expected_version, params)
+            conn,
+            lambda c: self._storage.add_all(
+                c, stream, expected_version, pairs, message_times=times
+            ),
         )
 
     def _in_transaction(
@@ -299,9 +294,10 @@ class MessageStore(Generic[E]):
 
     def _encode(
         self, messages: Sequence[E]
-    ) -> tuple[list[_uuid.UUID], list[str], list[_dt.datetime | None]]:
-        ids: list[_uuid.UUID] = []
-        bodies: list[str] = []
+    ) -> tuple[list[tuple[_uuid.UUID, dict[str, Any]]], list[_dt.datetime | None]]:
+        """Each message's `(id, serialized body)` and time; `Storage.add_all` checks that
+        the bodies are JSON objects PostgreSQL can store."""
+        pairs: list[tuple[_uuid.UUID, dict[str, Any]]] = []
         times: list[_dt.datetime | None] = []
         for message in messages:
             try:
@@ -323,53 +319,9 @@ class MessageStore(Generic[E]):
                     f"the serializer failed on message {message_id} ({type(message).__name__}): "
                     f"{exc}"
                 ) from exc
-            if not isinstance(data, dict):
-                raise SerializationError(
-                    f"the serializer returned {type(data).__name__} for message {message_id}; "
-                    "it must return a dict (a JSON object)"
-                )
-            try:
-                body = _json.dumps(data, allow_nan=False, ensure_ascii=False)
-                body.encode("utf-8")
-            except (TypeError, ValueError) as exc:
-                # UnicodeEncodeError (a ValueError) means a lone surrogate: not UTF-8.
-                raise SerializationError(
-                    f"the serializer's output for message {message_id} is not JSON that "
-                    f"PostgreSQL can store: {exc}"
-                ) from exc
-            if _NUL_ESCAPE.search(body):
-                raise SerializationError(
-                    f"message {message_id} contains a NUL character, which PostgreSQL's jsonb "
-                    "cannot store"
-                )
-            ids.append(message_id)
-            bodies.append(body)
+            pairs.append((message_id, data))
             times.append(_message_time(message))
-        return ids, bodies, times
-
-    def _execute_write(
-        self,
-        conn: _sa.Connection,
-        stream: str,
-        expected_version: int | None,
-        params: tuple[Any, ...],
-    ) -> MessagePosition:
-        try:
-            row = conn.exec_driver_sql(self._write_sql, params).one()
-        except _sa.exc.DBAPIError as exc:
-            diag = getattr(exc.orig, "diag", None)
-            if getattr(exc.orig, "sqlstate", None) == "P0001" and diag is not None:
-                if (diag.message_primary or "").startswith("Wrong expected version"):
-                    actual = int(diag.message_detail) if diag.message_detail else None
-                    raise OptimisticConcurrencyError(
-                        f"optimistic concurrency failure: stream {stream!r} is at version "
-                        f"{actual}, expected {expected_version}; re-read the stream and retry",
-                        stream=stream,
-                        expected_version=expected_version,
-                        actual_version=actual,
-                    ) from exc
-            raise
-        return MessagePosition(stream=stream, version=row[0], global_position=row[1])
+        return pairs, times
 
     def synchronize(
         self,
@@ -395,14 +347,7 @@ class MessageStore(Generic[E]):
         expected_version: int,
         messages: Sequence[E],
     ) -> MessagePosition:
-        stored = (
-            conn.exec_driver_sql(
-                f"SELECT message_id FROM {self._table} WHERE stream = %s ORDER BY version",
-                (stream,),
-            )
-            .scalars()
-            .all()
-        )
+        stored = list(self._storage.get_message_ids(conn, stream))
         given = [m.get_message_id() for m in messages]
         for index, (stored_id, given_id) in enumerate(zip(stored, given, strict=False)):
             if stored_id != given_id:
@@ -413,13 +358,7 @@ class MessageStore(Generic[E]):
         new = messages[len(stored) :]
         if new:
             return self.write_many(stream, new, expected_version=expected_version, conn=conn)
-        row = conn.exec_driver_sql(
-            f"SELECT max(version), max(global_position) FROM {self._table} WHERE stream = %s",
-            (stream,),
-        ).one()
-        if row[0] is None:
-            return MessagePosition(stream, 0, None)
-        return MessagePosition(stream, row[0], row[1])
+        return self._storage.get_max_version(conn, stream)
 
     @_contextlib.contextmanager
     def reader(self, conn: _sa.Connection | None = None) -> Iterator[MessageStoreReader[E]]:
@@ -457,12 +396,3 @@ def _message_time(message: Any) -> _dt.datetime | None:
         return occurred_at.astimezone(_dt.timezone.utc)
     except Exception:
         return None
-
-
-def _as_uuid(value: Any) -> _uuid.UUID:
-    if isinstance(value, _uuid.UUID):
-        return value
-    try:
-        return _uuid.UUID(str(value))
-    except ValueError as exc:
-        raise TypeError(f"message id {value!r} is not a UUID") from exc
