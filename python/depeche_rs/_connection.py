@@ -9,10 +9,10 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote as _quote
-from urllib.parse import urlencode as _urlencode
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._exceptions import DatabaseConnectionError
 
@@ -34,43 +34,72 @@ def to_engine(engine: Any) -> sa.Engine:
 
 
 def sqlalchemy_url(dsn: str) -> str:
-    """A psycopg-3 SQLAlchemy URL for a libpq URL (key/value DSNs are not URLs)."""
-    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
-        if dsn.startswith(prefix):
-            return "postgresql+psycopg://" + dsn[len(prefix) :]
+    """A psycopg-3 SQLAlchemy URL for a DSN in either of libpq's forms (a URL such as
+    `postgresql://user@host/db` or key/value pairs such as `host=h dbname=db`), parsed by
+    libpq itself (psycopg's `conninfo`); SQLAlchemy URLs (`postgresql+driver://`) pass as
+    they are."""
     if dsn.startswith("postgresql+"):
         return dsn
-    raise ValueError(
-        f"unsupported DSN {redact(dsn)!r}: give a URL such as 'postgresql://user@host:5432/db'"
+    if not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
+        scheme = dsn.partition("://")[0] if "://" in dsn else "not a URL"
+        raise ValueError(
+            f"unsupported DSN ({scheme}): give a URL such as 'postgresql://user@host:5432/db' "
+            "or libpq key/value pairs such as 'host=localhost dbname=db'"
+        )
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"unsupported DSN: {str(exc).strip()}") from None
+    url = _url_from_params({k: str(v) for k, v in params.items() if v is not None})
+    return url.render_as_string(hide_password=False)
+
+
+def _url_from_params(params: dict[str, str]) -> sa.URL:
+    user = params.pop("user", None)
+    password = params.pop("password", None)
+    database = params.pop("dbname", None)
+    host = params.get("host")
+    port = params.get("port")
+    plain_host = host is None or ("," not in host and not host.startswith("/"))
+    plain_port = port is None or port.isdigit()
+    if plain_host and plain_port:
+        params.pop("host", None)
+        params.pop("port", None)
+    # Otherwise (a socket directory, several hosts or ports) they stay in the query, which
+    # SQLAlchemy's psycopg dialect hands to libpq as they are.
+    return sa.URL.create(
+        "postgresql+psycopg",
+        username=user,
+        password=password,
+        host=host if plain_host and plain_port else None,
+        port=int(port) if plain_host and plain_port and port else None,
+        database=database,
+        query=params,
     )
+
+
+def libpq_conninfo(url: sa.URL) -> str:
+    """A SQLAlchemy URL as a libpq key/value conninfo, with its password, for the Rust
+    engine and LISTEN (psycopg's `make_conninfo` quotes what needs quoting)."""
+    params: dict[str, str | int] = {}
+    for key, value in url.translate_connect_args(username="user", database="dbname").items():
+        params[key] = value
+    for key, values in url.query.items():
+        params[key] = values if isinstance(values, str) else ",".join(values)
+    return make_conninfo("", **params)
 
 
 def libpq_dsn(engine: sa.Engine) -> str:
-    """The engine's URL in libpq form, with its password, for the Rust engine and LISTEN.
-
-    Built by hand: SQLAlchemy writes a space in a query value as '+', which libpq and
-    tokio-postgres read literally (`options=-c statement_timeout=5s` would break).
-    """
-    url = engine.url
-    auth = ""
-    if url.username:
-        auth = _quote(url.username, safe="")
-        if url.password is not None:
-            auth += ":" + _quote(str(url.password), safe="")
-        auth += "@"
-    host = url.host or ""
-    if ":" in host:  # an IPv6 address
-        host = f"[{host}]"
-    port = f":{url.port}" if url.port else ""
-    database = "/" + _quote(url.database, safe="") if url.database else "/"
-    query = _urlencode(
-        [(k, v) for k, values in url.query.items() for v in _as_list(values)], quote_via=_quote
-    )
-    return f"postgresql://{auth}{host}{port}{database}" + (f"?{query}" if query else "")
+    """The engine's URL as libpq conninfo, with its password, for the Rust engine and LISTEN."""
+    return libpq_conninfo(engine.url)
 
 
-def _as_list(value: str | tuple[str, ...]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
+def libpq_form(dsn: str) -> str:
+    """`dsn` as libpq reads it: a SQLAlchemy URL (`postgresql+psycopg://`) becomes libpq
+    conninfo; libpq's own URL and key/value forms stay as they are."""
+    if dsn.startswith("postgresql+"):
+        return libpq_conninfo(sa.make_url(dsn))
+    return dsn
 
 
 def redact(dsn: str) -> str:

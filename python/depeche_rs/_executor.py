@@ -26,8 +26,9 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
+from ._connection import libpq_form
 from ._interfaces import FixedTimeBudget, RunOnNotification, RunOnNotificationResult
-from .tools._pg_notification_listener import PgNotificationListener, libpq_url
+from .tools._pg_notification_listener import PgNotificationListener
 
 logger = logging.getLogger("depeche_rs.executor")
 
@@ -107,7 +108,7 @@ class Executor:
     ) -> None:
         if not isinstance(db_dsn, str):
             raise TypeError(f"db_dsn must be a DSN string, got {type(db_dsn).__name__}")
-        self._db_dsn = libpq_url(db_dsn)
+        self._db_dsn = libpq_form(db_dsn)
         self.channel_register: dict[str, list[RunOnNotification]] = collections.defaultdict(list)
         self.stimulation_interval = stimulation_interval
         self.keep_running = True

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._connection import redact, sqlalchemy_url
+from .._connection import libpq_form, redact, sqlalchemy_url
 from .._exceptions import InvalidNameError, InvalidWildcardError
 from .._names import validate_name, validate_wildcards
 from .._projector import DEFAULT_BATCH_SIZE, builtin_partitioner
@@ -260,7 +260,8 @@ def _positive(value: float, what: str) -> float:
 
 
 def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = True) -> str | None:
-    """The DSN from the argument, the config file or `$DEPECHE_RS_DSN`, checked."""
+    """The DSN from the argument, the config file or `$DEPECHE_RS_DSN`, checked, in a form
+    libpq reads (psycopg connects with it directly)."""
     dsn = given or _typed(config, "dsn", str, "config") or os.environ.get(DSN_ENV) or None
     if dsn is None:
         if required:
@@ -270,7 +271,7 @@ def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = T
         sqlalchemy_url(dsn)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    return str(dsn)
+    return libpq_form(str(dsn))
 
 
 def shown_dsn(dsn: str) -> str:

@@ -17,9 +17,10 @@ import threading
 from collections.abc import Iterable
 from types import FrameType
 
+from .._connection import libpq_form
 from .._executor import _Worker
 from .._interfaces import RunOnNotification
-from ..tools._pg_notification_listener import PgNotificationListener, libpq_url
+from ..tools._pg_notification_listener import PgNotificationListener
 
 logger = logging.getLogger("depeche_rs.threaded_executor")
 
@@ -47,7 +48,7 @@ class ThreadedExecutor:
     ) -> None:
         if not isinstance(db_dsn, str):
             raise TypeError(f"db_dsn must be a DSN string, got {type(db_dsn).__name__}")
-        self._db_dsn = libpq_url(db_dsn)
+        self._db_dsn = libpq_form(db_dsn)
         self.channel_register: dict[str, list[RunOnNotification]] = collections.defaultdict(list)
         self.stimulation_interval = stimulation_interval
         self.keep_running = True

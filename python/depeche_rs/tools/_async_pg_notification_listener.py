@@ -12,12 +12,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .._connection import redact
+from .._connection import libpq_form, redact
 from .._exceptions import DatabaseConnectionError
 from ._pg_notification_listener import (
     PgNotification,
     _validate_channel,
-    libpq_url,
     to_pg_notification,
 )
 
@@ -48,7 +47,7 @@ class AsyncPgNotificationListener:
         select_timeout: float = 3.0,
         ignore_payload: bool = False,
     ) -> None:
-        self.dsn = libpq_url(dsn)
+        self.dsn = libpq_form(dsn)
         self.channels = [_validate_channel(c) for c in channels]
         self._select_timeout = select_timeout
         self._ignore_payload = ignore_payload

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from .._connection import redact
+from .._connection import libpq_form, redact
 from .._exceptions import DatabaseConnectionError, InvalidNameError
 
 logger = logging.getLogger("depeche_rs.listener")
@@ -51,14 +51,6 @@ def _validate_channel(channel: Any) -> str:
     return channel
 
 
-def libpq_url(dsn: str) -> str:
-    """`dsn` without a SQLAlchemy driver suffix (`postgresql+psycopg://` -> `postgresql://`)."""
-    scheme, sep, rest = dsn.partition("://")
-    if sep and scheme.startswith("postgresql+"):
-        return "postgresql://" + rest
-    return dsn
-
-
 class PgNotificationListener:
     """Receives notifications on `channels` and hands them out through `messages()`.
 
@@ -86,7 +78,7 @@ class PgNotificationListener:
         on_reconnect: Callable[[], None] | None = None,
         max_backoff: float = 5.0,
     ) -> None:
-        self.dsn = libpq_url(dsn)
+        self.dsn = libpq_form(dsn)
         self.channels = [_validate_channel(c) for c in channels]
         self._ignore_payload = ignore_payload
         self._select_timeout = select_timeout
