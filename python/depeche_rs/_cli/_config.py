@@ -220,6 +220,8 @@ def read_toml(path: str) -> dict[str, Any]:
     return data
 
 
+# Checked by hand, not pydantic: the CLI would need pydantic (an optional extra of the library),
+# and each message names the flag or TOML key (with its table) the user wrote.
 def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     value = table.get(key)
     if value is None:

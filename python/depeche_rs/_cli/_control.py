@@ -22,6 +22,8 @@ from psycopg import sql
 from . import _catalog
 
 
+# By hand, not tenacity/backoff: they wrap a blocking call in a retry loop, while the projector's
+# loop only needs the next delay, to schedule each stream's retry as one deadline among others.
 class Backoff:
     """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... up to `maximum`."""
 

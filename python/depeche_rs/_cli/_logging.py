@@ -42,6 +42,8 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# By hand, not python-json-logger: one fixed object per event (time, level, event, message,
+# fields) is a dozen lines, against a dependency of the command line.
 class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 

@@ -27,6 +27,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
 
 
+# By hand, not tqdm/rich: the line is shared with the log lines the Console writes, the total
+# changes as the backlog is re-measured, and off a TTY the same figures go out as log events.
 class CatchUpProgress:
     """Progress of one aggregated stream's catch-up."""
 

@@ -86,6 +86,7 @@ class AsyncPgNotificationListener:
         if self._conn is None:
             await self.start()
         last = time.monotonic()
+        # Back-off by hand, not tenacity: three lines, against a dependency for every user.
         backoff = 0.05
         while self._keep_running:
             wait = self._select_timeout

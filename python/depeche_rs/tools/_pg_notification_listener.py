@@ -159,6 +159,8 @@ class PgNotificationListener:
         return conn
 
     def _run(self) -> None:
+        # Back-off by hand, not tenacity: three lines, a dependency for every library user
+        # otherwise, and the pause must be the stop event's wait so that close() cuts it short.
         backoff = 0.05
         conn = self._conn
         try:
