@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_rs
-from depeche_rs import AggregatedStream, MessageStore
+from depeche_rs import AggregatedStream, MessageStore, _schema
 from depeche_rs.tools import StreamHashPartitioner, StreamNamePartitioner
 
 from ._helpers import projected_rows
@@ -138,7 +139,18 @@ def test_truncation_while_writers_and_projectors_run(
 
     run_concurrently([writer, truncater], [projector(), projector()])
     _aggregate(store, stream_name, BOTH).projector.update_full()
-    assert_projection(engine, store.name, stream_name, BOTH, first_positions=first)
+    # depeche-db's truncate is a plain DELETE: it does not wait for a batch in progress
+    # (the projector's lock does not exclude it, so that autovacuum does not stop
+    # projection), and a batch committing during it keeps its rows. The cursor is reset
+    # after that batch, so nothing is lost or projected twice.
+    assert_projection(
+        engine,
+        store.name,
+        stream_name,
+        BOTH,
+        first_positions=first,
+        concurrent_delete=truncate is _truncate_with_depeche_db,
+    )
 
 
 # -- the global-position sequence -----------------------------------------------------------
@@ -292,3 +304,135 @@ def test_poison_message_stops_the_projector_until_an_operator_acts(
     if remedy is _record_time:
         [poison] = [r for r in rows if r[0] == message_id]
         assert poison[5] == dt.datetime(2020, 1, 2, 3, 4, 5)
+
+
+# -- vacuum, analyze and the projector's lock ---------------------------------------------
+
+
+class _HeldPartitioner:
+    """A Python partitioner that holds the first batch open until released (the engine
+    calls it inside the batch's transaction, with the projector's lock held)."""
+
+    def __init__(self) -> None:
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def get_partition(self, message: Any) -> int:
+        self.inside.set()
+        assert self.release.wait(30), "the test never released the batch"
+        return 0
+
+
+def _mutex_key(conn: sa.Connection, name: str) -> int:
+    """The projector mutex's key, as docs/projector.md gives it."""
+    oid = conn.exec_driver_sql(f"SELECT 'depeche_stream_{name}'::regclass::oid::int8").scalar()
+    assert isinstance(oid, int)
+    return (_schema.PROJECTOR_MUTEX_CLASS << 32) | oid
+
+
+def _waiting_on_advisory_lock(engine: sa.Engine, pid: int) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.exec_driver_sql(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %(pid)s "
+                "AND locktype = 'advisory' AND NOT granted)",
+                {"pid": pid},
+            ).scalar()
+        )
+
+
+def test_vacuum_and_analyze_neither_stop_nor_wait_for_projection(
+    store: Store, stream_name: str, engine: sa.Engine
+) -> None:
+    write(store, "acc-1", "acc-2")
+    agg = _aggregate(store, stream_name, ["acc-%"])
+    agg.projector.update_full()
+    write(store, "acc-3", "acc-4")
+    # What VACUUM, ANALYZE and autovacuum take, held open: projection goes on.
+    with engine.connect() as vacuum:
+        vacuum.exec_driver_sql(
+            f"LOCK TABLE depeche_stream_{stream_name} IN SHARE UPDATE EXCLUSIVE MODE"
+        )
+        assert agg.projector.update_full() == (2, False)
+        vacuum.rollback()
+    # And a batch held open does not hold up VACUUM and ANALYZE.
+    held = _HeldPartitioner()
+    slow = store.aggregated_stream(stream_name, held, ["acc-%"])
+    write(store, "acc-5")
+    worker = threading.Thread(target=slow.projector.update_full)
+    worker.start()
+    try:
+        assert held.inside.wait(30)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as maintenance:
+            maintenance.exec_driver_sql("SET lock_timeout = '20s'")
+            maintenance.exec_driver_sql(f"VACUUM (ANALYZE) depeche_stream_{stream_name}")
+    finally:
+        held.release.set()
+        worker.join(30)
+    assert_projection(engine, store.name, stream_name, ["acc-%"])
+
+
+@pytest.mark.parametrize("holder", ["projector mutex", "depeche-db projector lock"])
+def test_another_projector_holding_the_stream_makes_update_return_at_once(
+    store: Store, stream_name: str, engine: sa.Engine, holder: str
+) -> None:
+    write(store, "acc-1")
+    agg = _aggregate(store, stream_name, ["acc-%"])
+    with engine.connect() as other:
+        if holder == "projector mutex":
+            other.exec_driver_sql(
+                "SELECT pg_advisory_lock(%(k)s)", {"k": _mutex_key(other, stream_name)}
+            )
+        else:
+            other.exec_driver_sql(f"LOCK TABLE depeche_stream_{stream_name} IN EXCLUSIVE MODE")
+        assert agg.projector.update_full() == (0, False)
+        assert agg.projector.update_batch() == (0, False)
+        other.rollback()
+        other.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+    assert agg.projector.update_full() == (1, False)
+    assert_projection(engine, store.name, stream_name, ["acc-%"])
+
+
+def test_a_delete_of_projected_rows_waits_for_the_batch_in_progress(
+    store: Store, stream_name: str, engine: sa.Engine
+) -> None:
+    # depeche-db's truncate (a plain DELETE) during a batch: its cursor reset must come
+    # after the batch's cursor, or the messages it deleted would never come back.
+    write(store, "acc-1", "acc-2")
+    _aggregate(store, stream_name, ["acc-%"]).projector.update_full()
+    held = _HeldPartitioner()
+    slow = store.aggregated_stream(stream_name, held, ["acc-%"])
+    write(store, "acc-3")
+    worker = threading.Thread(target=slow.projector.update_full)
+    worker.start()
+    deleted = threading.Event()
+    try:
+        assert held.inside.wait(30)
+        with engine.begin() as deleter:
+            pid = deleter.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            assert isinstance(pid, int)
+
+            def delete() -> None:
+                deleter.exec_driver_sql(f"DELETE FROM depeche_stream_{stream_name}")
+                deleted.set()
+
+            thread = threading.Thread(target=delete)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not _waiting_on_advisory_lock(engine, pid):
+                assert time.monotonic() < deadline, "the DELETE never waited for the batch"
+                time.sleep(0.01)
+            assert not deleted.is_set()
+            held.release.set()
+            thread.join(30)
+            assert deleted.is_set()
+    finally:
+        held.release.set()
+        worker.join(30)
+    # The two messages deleted come back, the one the batch added stays: once each.
+    assert _aggregate(store, stream_name, ["acc-%"]).projector.update_full() == (2, False)
+    assert sorted(projected_streams(engine, stream_name)) == [
+        ("acc-1", 1),
+        ("acc-2", 1),
+        ("acc-3", 1),
+    ]

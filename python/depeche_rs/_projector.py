@@ -187,15 +187,15 @@ class StreamProjector(Generic[E]):
         partitioner = self.partitioner
         out: list[tuple[int | None, _dt.datetime]] = []
         for id_bytes, stream, version, global_position, added_at, occurred_at, body in rows:
-            message_id = _uuid.UUID(bytes=id_bytes)
             try:
                 message = serializer.deserialize(_json.loads(body))
             except Exception as exc:
                 raise self._poison(
-                    "cannot be deserialized", exc, stream, version, global_position, message_id
+                    "cannot be deserialized", exc, stream, version, global_position, id_bytes
                 ) from exc
             partition: int | None = None
             if need_partition:
+                message_id = _uuid.UUID(bytes=id_bytes)
                 stored = StoredMessage(
                     message_id=message_id,
                     stream=stream,
@@ -239,7 +239,7 @@ class StreamProjector(Generic[E]):
                         stream,
                         version,
                         global_position,
-                        message_id,
+                        id_bytes,
                     ) from exc
             out.append((partition, occurred_at))
         return out
@@ -251,8 +251,10 @@ class StreamProjector(Generic[E]):
         stream: str,
         version: int,
         global_position: int,
-        message_id: _uuid.UUID,
+        id_bytes: bytes,
     ) -> PoisonMessageError:
+        # The id is built here, not per row: a UUID per message is measurable in a catch-up.
+        message_id = _uuid.UUID(bytes=id_bytes)
         store = self.stream.store.name
         return PoisonMessageError(
             f"message {message_id} of store {store!r}, stream {stream!r}, version {version}, "

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from . import _names
 from ._connection import connect, execute_script
 
-SCHEMA_VERSION = "depeche-rs schema 4"
+SCHEMA_VERSION = "depeche-rs schema 5"
 
 # The same expression depeche-db's write function uses, so both writers serialise on the
 # same per-stream lock.
@@ -29,9 +29,16 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;"""
 
-RESET_CURSOR_FUNCTION = """
+# The projector mutex (rust/core/sql.rs `try_mutex`): an advisory lock keyed by the
+# aggregated table's OID under class "dprp". A DELETE of projected rows (depeche-db's
+# `truncate` takes no lock of its own) waits here for a batch in progress, so the cursor
+# is reset after that batch committed, never under it (docs/projector.md, A5).
+PROJECTOR_MUTEX_CLASS = 0x64707270
+
+RESET_CURSOR_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION depeche_rs_reset_cursor() RETURNS trigger AS $$
 BEGIN
+  PERFORM pg_advisory_xact_lock(({PROJECTOR_MUTEX_CLASS}::int8 << 32) | TG_RELID::int8);
   EXECUTE format('DELETE FROM %I.%I', TG_TABLE_SCHEMA, TG_ARGV[0]);
   RETURN NULL;
 END;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use chrono::NaiveDateTime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
 use crate::core::config::ProjectorConfig;
 use crate::core::connect::connect;
@@ -92,6 +92,8 @@ pub struct Projector {
     client: Client,
     statements: Option<Statements>,
     in_transaction: bool,
+    /// The key of the projector mutex while this session holds it.
+    mutex: Option<i64>,
     window: i64,
 }
 
@@ -113,6 +115,7 @@ impl Projector {
             client,
             statements: None,
             in_transaction: false,
+            mutex: None,
             window,
         })
     }
@@ -160,16 +163,39 @@ impl Projector {
 
     /// Open a batch: `Ok(None)` when another projector holds the stream's lock.
     pub async fn begin_batch(&mut self) -> Result<Option<PendingBatch>> {
-        if self.in_transaction {
+        if self.in_transaction || self.mutex.is_some() {
             self.abort().await;
         }
         self.in_transaction = true;
-        match self
-            .client
-            .batch_execute(&sql::begin(&self.config.tables))
-            .await
-        {
-            Ok(()) => {}
+        let t = &self.config.tables;
+        let (mutex_sql, begin_sql) = (sql::try_mutex(t), sql::begin(t));
+        // Polled together so the driver pipelines them, mutex first.
+        let (mutex, begun) = tokio::join!(
+            self.client.simple_query(&mutex_sql),
+            self.client.batch_execute(&begin_sql)
+        );
+        let row = match mutex {
+            Ok(messages) => mutex_row(&messages),
+            Err(e) => {
+                self.abort().await;
+                return Err(Error::from_pg("taking the projector's lock", e));
+            }
+        };
+        let Some((taken, key)) = row else {
+            self.abort().await;
+            return Err(Error::Config(
+                "the projector mutex query returned no row".into(),
+            ));
+        };
+        if taken {
+            self.mutex = Some(key);
+        }
+        match begun {
+            Ok(()) if taken => {}
+            Ok(()) => {
+                self.abort().await;
+                return Ok(None);
+            }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 self.abort().await;
                 return Ok(None);
@@ -477,10 +503,17 @@ impl Projector {
         // hide the first error.
         let (inserted, moved) = tokio::join!(insert, cursor);
         first_real_error([inserted, moved])?;
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| Error::from_pg("committing the batch", e))?;
+        // The mutex is released after the commit, in its own request: it runs even if
+        // the commit fails, and nobody can take the mutex before the batch is visible.
+        let release = self.mutex.take().map(sql::release_mutex);
+        let (committed, released) = tokio::join!(self.client.batch_execute("COMMIT"), async {
+            match &release {
+                Some(q) => self.client.simple_query(q).await.map(drop),
+                None => Ok(()),
+            }
+        });
+        committed.map_err(|e| Error::from_pg("committing the batch", e))?;
+        released.map_err(|e| Error::from_pg("releasing the projector's lock", e))?;
         Ok(BatchOutcome {
             projected: n,
             more: batch.more,
@@ -527,6 +560,9 @@ impl Projector {
         if self.in_transaction {
             let _ = self.client.batch_execute("ROLLBACK").await;
             self.in_transaction = false;
+        }
+        if let Some(key) = self.mutex.take() {
+            let _ = self.client.simple_query(&sql::release_mutex(key)).await;
         }
     }
 
@@ -603,6 +639,18 @@ fn check_sequence(name: &str, cache: Option<i64>, increment: Option<i64>) -> Res
         }),
         None => Ok(()),
     }
+}
+
+/// `(taken, key)` from the mutex query's row.
+fn mutex_row(messages: &[SimpleQueryMessage]) -> Option<(bool, i64)> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => {
+            let taken = row.get(0)? == "t";
+            let key = row.get(1)?.parse().ok()?;
+            Some((taken, key))
+        }
+        _ => None,
+    })
 }
 
 fn origin_rows(rows: Vec<tokio_postgres::Row>) -> Vec<OriginRow> {

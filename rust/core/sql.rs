@@ -2,12 +2,40 @@
 
 use crate::core::config::TableNames;
 
+/// The projector mutex's advisory lock class: "dprp" (the key's high 32 bits).
+pub const MUTEX_CLASS: i64 = 0x6470_7270;
+
+/// Tries the projector mutex: a session-level advisory lock keyed by the aggregated
+/// table's OID (class [`MUTEX_CLASS`] in the high 32 bits). Returns whether it was taken
+/// and the key, to release exactly that key even if the table is dropped meanwhile.
+///
+/// An advisory lock, not a table lock, because every table lock that excludes itself
+/// also excludes `SHARE UPDATE EXCLUSIVE`, which autovacuum and ANALYZE take: with a
+/// table lock, a vacuum of the aggregated table (minutes on a large one) stops
+/// projection, as `NOWAIT` never makes autovacuum yield. Session-level, and taken
+/// before the transaction, so the batch's snapshot is taken after the previous holder
+/// committed.
+pub fn try_mutex(t: &TableNames) -> String {
+    format!(
+        "SELECT pg_try_advisory_lock(k), k FROM (SELECT ({MUTEX_CLASS}::int8 << 32) \
+         | '{}'::regclass::oid::int8 AS k) AS key",
+        t.stream
+    )
+}
+
+/// Releases the projector mutex taken with key `key`.
+pub fn release_mutex(key: i64) -> String {
+    format!("SELECT pg_advisory_unlock({key}::int8)")
+}
+
 /// Starts a batch: a repeatable-read transaction whose snapshot is taken after the
-/// table lock, so it sees everything the previous lock holder committed. The lock
-/// mode is the one depeche-db's projector takes, so the two exclude each other too.
+/// mutex and the table lock. `ROW EXCLUSIVE` (what the batch's INSERT takes anyway)
+/// conflicts with the `EXCLUSIVE` lock depeche-db's projector (and depeche-rs 0.1.0's)
+/// takes for the same purpose, so projectors of every kind exclude each other, and with
+/// nothing autovacuum takes.
 pub fn begin(t: &TableNames) -> String {
     format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN EXCLUSIVE MODE NOWAIT",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN ROW EXCLUSIVE MODE NOWAIT",
         t.stream
     )
 }
