@@ -20,8 +20,9 @@ import sqlalchemy as sa
 
 from depeche_rs import MessageStore
 from depeche_rs.__main__ import main
-from depeche_rs._cli import _catalog
+from depeche_rs._cli import _catalog, _server_settings
 from depeche_rs._cli._migrate import migration_script
+from depeche_rs._cli._server_settings import buffers_advice
 from depeche_rs._schema import SCHEMA_VERSION
 from depeche_rs.tools import DbSubscriptionStateProvider, StreamHashPartitioner
 
@@ -523,3 +524,56 @@ def test_status_ignores_depeche_db_014_side_tables_under_our_prefixes(
         assert _catalog.aggregated_streams(conn).count(stream_name) == 1
         assert f"{stream_name}_omax" not in _catalog.aggregated_streams(conn)
         assert f"{store.name}_meta" not in _catalog.stores(conn)
+
+
+def test_status_warns_when_checkpoints_are_forced_by_wal_volume(
+    store: Store, stream_name: str, dsn: str, run: Run
+) -> None:
+    # A manual CHECKPOINT counts as requested, as one forced by max_wal_size does. The
+    # counters are the server's; resetting them is harmless on a test server.
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_stat_reset_shared('bgwriter')")
+        for _ in range(3):
+            admin.execute("CHECKPOINT")
+        wal = admin.execute("SHOW max_wal_size").fetchone()
+    assert wal is not None
+    result = run("status", "--dsn", dsn, "--json")
+    assert result.returncode == 0, result.stderr
+    advice = json.loads(result.stdout)["server_settings"]
+    forced = [a for a in advice if a["setting"] == "max_wal_size"]
+    assert len(forced) == 1
+    assert forced[0]["value"] == wal[0]
+    assert re.match(
+        r"3 of [34] checkpoints since .* were forced by WAL volume", forced[0]["finding"]
+    )
+    text = run("status", "--dsn", dsn)
+    assert f"warning: max_wal_size = {wal[0]}: 3 of" in text.stdout
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_stat_reset_shared('bgwriter')")
+    quiet = json.loads(run("status", "--dsn", dsn, "--json").stdout)["server_settings"]
+    assert [a for a in quiet if a["setting"] == "max_wal_size"] == []
+
+
+def test_buffers_advice_names_the_largest_stream_once_its_indexes_outgrow_the_cache() -> None:
+    mib = 2**20
+    assert buffers_advice("128MB", 128 * mib, {}) is None
+    assert buffers_advice("128MB", 128 * mib, {"a": 100 * mib, "b": 128 * mib}) is None
+    advice = buffers_advice("128MB", 128 * mib, {"a": 300 * mib, "b": 129 * mib})
+    assert advice is not None
+    assert (advice.setting, advice.value) == ("shared_buffers", "128MB")
+    assert advice.finding.startswith("the primary key and position index of a take 300 MB")
+
+
+def test_status_measures_the_indexes_of_each_aggregated_stream(
+    store: Store, stream_name: str, dsn: str
+) -> None:
+    agg = store.aggregated_stream(stream_name, StreamHashPartitioner(2), ["acc-%"])
+    _write(store, streams=3, per_stream=2)
+    assert agg.projector.update_full() == (6, False)
+    with psycopg.connect(dsn) as conn:
+        measured = _server_settings._index_bytes(conn, stream_name)
+        expected = conn.execute(
+            "SELECT pg_relation_size(%s::regclass) + pg_relation_size(%s::regclass)",
+            (f"depeche_stream_{stream_name}_pkey", f"depeche_stream_{stream_name}_uq"),
+        ).fetchone()
+    assert expected is not None and measured == expected[0] > 0

@@ -30,7 +30,7 @@ from typing import Any, TextIO, TypeVar
 import psycopg
 import psycopg.errors
 
-from . import _catalog, _stuck
+from . import _catalog, _server_settings, _stuck
 from ._config import ConfigError, read_toml, resolve_dsn, shown_dsn, stream_specs
 
 T = TypeVar("T")
@@ -234,12 +234,17 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def render_json(streams: list[StreamStatus], subscriptions: list[SubscriptionStatus]) -> str:
+def render_json(
+    streams: list[StreamStatus],
+    subscriptions: list[SubscriptionStatus],
+    settings: Sequence[_server_settings.SettingAdvice] = (),
+) -> str:
     """The figures as one JSON document."""
     return json.dumps(
         {
             "aggregated_streams": [_json_value(s) for s in streams],
             "subscriptions": [_json_value(s) for s in subscriptions],
+            "server_settings": [_json_value(a) for a in settings],
         },
         indent=2,
     )
@@ -287,8 +292,13 @@ def _stuck_lines(streams: list[StreamStatus]) -> list[str]:
     return lines
 
 
-def render_text(streams: list[StreamStatus], subscriptions: list[SubscriptionStatus]) -> str:
-    """The figures as two tables for people (and a line per stuck stream)."""
+def render_text(
+    streams: list[StreamStatus],
+    subscriptions: list[SubscriptionStatus],
+    settings: Sequence[_server_settings.SettingAdvice] = (),
+) -> str:
+    """The figures as two tables for people (a line per stuck stream, and one per server
+    setting that holds projection back)."""
     lines: list[str] = []
     if streams:
         rows: list[Sequence[str]] = []
@@ -328,6 +338,9 @@ def render_text(streams: list[StreamStatus], subscriptions: list[SubscriptionSta
         lines += _table(header, rows, right={2})
     else:
         lines.append("no subscriptions")
+    if settings:
+        lines.append("")
+        lines += [f"warning: {a.describe()}" for a in settings]
     return "\n".join(lines)
 
 
@@ -349,6 +362,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
             streams, subscriptions = collect(
                 conn, args.store, definitions, subscription_streams, args.top
             )
+            settings = _server_settings.advice(conn, [s.name for s in streams])
             conn.rollback()
     except psycopg.OperationalError as exc:
         print(f"depeche-rs status: cannot connect to {shown_dsn(dsn)}: {exc}", file=sys.stderr)
@@ -356,7 +370,8 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except (psycopg.Error, LookupError) as exc:
         print(f"depeche-rs status: {exc}", file=sys.stderr)
         return 1
-    text = render_json(streams, subscriptions) if args.json else render_text(streams, subscriptions)
+    render = render_json if args.json else render_text
+    text = render(streams, subscriptions, settings)
     print(text, file=out)
     if args.check and any(s.stuck is not None for s in streams):
         return EXIT_STUCK
