@@ -21,4 +21,8 @@ mod _native {
     use crate::py::partition::stream_name_partition;
     #[pymodule_export]
     use crate::py::projector::Projector;
+    #[pymodule_export]
+    use crate::py::subscription::{
+        PyBatchRow, PyClaimedBatch, PyPartitionState, PyStoredRow, PySubscriptionSession,
+    };
 }

@@ -1,10 +1,21 @@
 """Stubs of the Rust extension module. Users import `depeche_rs`, never this."""
 
 import datetime
+import uuid
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["Projector", "__version__", "hash_mod_partition", "stream_name_partition"]
+__all__ = [
+    "BatchRow",
+    "ClaimedBatch",
+    "PartitionState",
+    "Projector",
+    "StoredRow",
+    "SubscriptionSession",
+    "__version__",
+    "hash_mod_partition",
+    "stream_name_partition",
+]
 
 __version__: str
 
@@ -38,3 +49,101 @@ class Projector:
         """Project batches; returns (projected, more, locked)."""
     def close(self) -> None:
         """Close the connection."""
+
+@final
+class BatchRow:
+    """One position of a claimed partition and the message stored there."""
+
+    @property
+    def position(self) -> int:
+        """Position in the partition."""
+    @property
+    def stored(self) -> StoredRow | None:
+        """The message, or None when it is no longer in the store."""
+
+@final
+class StoredRow:
+    """A message as stored, read with a batch."""
+
+    @property
+    def message_id(self) -> uuid.UUID:
+        """The message id."""
+    @property
+    def stream(self) -> str:
+        """The origin stream."""
+    @property
+    def version(self) -> int:
+        """The version in the origin stream."""
+    @property
+    def message(self) -> str:
+        """The message body, JSON text."""
+    @property
+    def global_position(self) -> int:
+        """The global position in the store."""
+    @property
+    def added_at(self) -> datetime.datetime:
+        """When the message was written (naive UTC)."""
+
+@final
+class ClaimedBatch:
+    """A partition's rows read under its lock, after its stored position."""
+
+    @property
+    def position(self) -> int:
+        """The stored position the rows follow (-1 for none)."""
+    @property
+    def rows(self) -> list[BatchRow]:
+        """The rows, in position order."""
+
+@final
+class PartitionState:
+    """A partition's highest position and the subscription's stored position in it."""
+
+    @property
+    def partition(self) -> int:
+        """The partition."""
+    @property
+    def max_position(self) -> int:
+        """Its highest position."""
+    @property
+    def position(self) -> int:
+        """The stored position (-1 if none, or without a state table)."""
+
+@final
+class SubscriptionSession:
+    """A subscription's connection: partition locks, batches, acknowledgements."""
+
+    def __new__(
+        cls,
+        dsn: str,
+        store: str,
+        stream: str,
+        name: str,
+        state_table: str | None = None,
+        synchronous_commit: bool = False,
+    ) -> SubscriptionSession: ...
+    @property
+    def closed(self) -> bool:
+        """True once closed, or when the server ended the session."""
+    def check(self) -> None:
+        """Raise if the connection is gone; never blocks."""
+    def flush(self) -> None:
+        """Wait until everything sent is done."""
+    def try_lock(self, key: int) -> bool:
+        """Try the advisory lock `key`."""
+    def unlock(self, key: int) -> None:
+        """Release the advisory lock `key` (does not wait)."""
+    def claim(self, partition: int, key: int | None, count: int) -> ClaimedBatch | None:
+        """Lock and read the stored position and next rows; None if locked elsewhere."""
+    def read_after(
+        self, partition: int, key: int | None, after: int, count: int
+    ) -> ClaimedBatch | None:
+        """Lock and read the rows after `after`; None if locked elsewhere."""
+    def ack(self, partition: int, position: int) -> None:
+        """Store a position (never backwards; does not wait)."""
+    def stored_position(self, partition: int) -> int:
+        """The committed position of `partition` (-1 if none)."""
+    def partitions(self) -> list[PartitionState]:
+        """Every partition's max position and stored position."""
+    def close(self) -> None:
+        """Close the connection, releasing its locks."""

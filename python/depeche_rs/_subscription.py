@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 # The depeche-db names of this module, defined next to their concept.
 from ._ack import _NO_ACK, AckOp, AckRolledback, AckStrategy, NoAckOp
 from ._connection import connect
+from ._db_subscription_reader import DbSubscriptionReader
 from ._error_handlers import ExitSubscriptionErrorHandler, LogAndIgnoreSubscriptionErrorHandler
 from ._interfaces import (
     LockProvider,
@@ -40,6 +41,7 @@ from ._interfaces import (
 )
 from ._message_handler import SubscriptionMessageHandler
 from ._names import validate_name
+from ._provider_subscription_reader import ProviderSubscriptionReader
 from ._start_points import StartAtNextMessage, StartAtPointInTime
 from ._subscription_reader import Claim, SubscriptionReader
 from .tools._db_lock_provider import DbLockProvider
@@ -147,9 +149,7 @@ class Subscription(Generic[E]):
         )
         self._start_point = start_point
         self._initialized = False
-        self._reader: SubscriptionReader[E] = SubscriptionReader(
-            self.name, stream, self._state_provider, self._lock_provider
-        )
+        self._reader = self._make_reader()
         # Connections close with close(), the store's close() or engine.dispose(), when
         # the subscription is collected, or at exit.
         self._finalizer = weakref.finalize(self, _close_connections, self._reader, own_locks)
@@ -162,6 +162,14 @@ class Subscription(Generic[E]):
         self.runner = runner_type(
             subscription=self, message_handler=message_handler, batch_size=batch_size
         )
+
+    def _make_reader(self) -> SubscriptionReader[E]:
+        state, locks = self._state_provider, self._lock_provider
+        if DbSubscriptionReader.serves(self._stream, state, locks):
+            assert isinstance(state, DbSubscriptionStateProvider)
+            assert isinstance(locks, DbLockProvider)
+            return DbSubscriptionReader(self.name, self._stream, state, locks)
+        return ProviderSubscriptionReader(self.name, self._stream, state, locks)
 
     @property
     def stream(self) -> AggregatedStream[E]:

@@ -1,39 +1,31 @@
 """The subscription read path: which partition to read next, its lock, its next batch.
 
-With the default providers (`DbLockProvider`, `DbSubscriptionStateProvider` on the
-stream's database) everything goes through one pipelined connection per reading thread:
+`SubscriptionReader` is the interface the subscription and its runners use, with what
+every reader shares: a `PartitionQueue` (fed by notification hints, refilled when it
+runs dry), one engine session (`_native.SubscriptionSession`) per reading thread, and
+turning a batch's rows into `StoredMessage`s. Two readers implement it:
 
-- claiming a partition sends the advisory lock and the batch query together (one round
-  trip); the batch query reads the partition's position from the state table, the next
-  pointers from the aggregated stream and the message bodies, in one statement that
-  runs after the lock is granted, so it sees every acknowledgement the previous holder
-  committed before unlocking;
-- acknowledgements and the unlock are sent without waiting; the server applies them in
-  order, so the state is committed before the lock is released;
-- the partition to read comes from a `PartitionQueue`, refilled when it runs dry by one
-  query over the per-partition max positions joined to the state.
-
-Other providers work through their own interfaces, with the same batch query.
+- `DbSubscriptionReader` (`_db_subscription_reader`), for the default providers: the
+  lock, the position, the batch, the acknowledgements and the unlock are all the
+  engine's, pipelined on its connection;
+- `ProviderSubscriptionReader` (`_provider_subscription_reader`), for lock and state
+  providers of the user's: those are called through their interfaces, and the engine
+  only reads the stream.
 """
 
 from __future__ import annotations
 
+import abc
+import json
 import logging
-import time
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from . import _names
+from . import _native
 from ._exceptions import SerializationError
-from ._interfaces import (
-    LockProvider,
-    MessageProtocol,
-    StoredMessage,
-    SubscriptionStateProvider,
-)
+from ._interfaces import MessageProtocol, StoredMessage
 from ._partition_queue import PartitionQueue
-from ._pipelined_connection import ConnectionPool, Param, Pending, PipelinedConnection
-from .tools._db_lock_provider import DbLockProvider
-from .tools._db_subscription_state_provider import DbSubscriptionStateProvider
 
 if TYPE_CHECKING:
     from ._aggregated_stream import AggregatedStream
@@ -42,43 +34,18 @@ E = TypeVar("E", bound=MessageProtocol)
 
 logger = logging.getLogger("depeche_rs.subscription")
 
-_LOCK = "SELECT pg_try_advisory_lock($1)"
-_UNLOCK = "SELECT pg_advisory_unlock($1)"
-# Acknowledgements never move a position backwards: an acknowledgement of ours still in
-# flight must not undo a later one the handler committed in its own transaction.
-_ACK = (
-    "INSERT INTO {subs} AS s (subscription_name, partition, position) VALUES ($1, $2, $3) "
-    "ON CONFLICT (subscription_name, partition) DO UPDATE SET position = excluded.position "
-    "WHERE s.position < excluded.position"
-)
-_POSITION = "SELECT position FROM {subs} WHERE subscription_name = $1 AND partition = $2"
-_BATCH_COLUMNS = (
-    "a.position, m.message_id, m.stream, m.version, m.message, m.global_position, m.added_at"
-)
-# Always one row (the partition's position) even when nothing follows it.
-_READ_WITH_STATE = (
-    f"SELECT s.pos, {_BATCH_COLUMNS} "
-    "FROM (SELECT coalesce((SELECT position FROM {subs} "
-    "      WHERE subscription_name = $1 AND partition = $2), -1)::bigint AS pos) AS s "
-    "LEFT JOIN LATERAL (SELECT position, message_id FROM {agg} "
-    "      WHERE partition = $2 AND position > s.pos ORDER BY position LIMIT $3) AS a ON true "
-    "LEFT JOIN {msgs} AS m ON m.message_id = a.message_id "
-    "ORDER BY a.position"
-)
-_READ_AFTER = (
-    f"SELECT $2::bigint, {_BATCH_COLUMNS} "
-    "FROM (SELECT position, message_id FROM {agg} "
-    "      WHERE partition = $1 AND position > $2 ORDER BY position LIMIT $3) AS a "
-    "LEFT JOIN {msgs} AS m ON m.message_id = a.message_id "
-    "ORDER BY a.position"
-)
-_PARTITIONS_WITH_STATE = (
-    "SELECT p.partition, p.max_position, coalesce(s.position, -1) FROM {maxpos} AS p "
-    "LEFT JOIN {subs} AS s ON s.subscription_name = $1 AND s.partition = p.partition"
-)
-_PARTITIONS = "SELECT partition, max_position FROM {maxpos}"
-# How often a batch in progress looks whether its connection (and lock) is still there.
-_CHECK_SECONDS = 0.001
+Session = _native.SubscriptionSession
+
+
+class Lock:
+    """A lock a reader holds: its depeche-db name, and its advisory lock key when the
+    engine holds it on a session (None when a lock provider holds it)."""
+
+    __slots__ = ("key", "name")
+
+    def __init__(self, name: str, key: int | None) -> None:
+        self.name = name
+        self.key = key
 
 
 class Claim(Generic[E]):
@@ -98,8 +65,8 @@ class Claim(Generic[E]):
     def __init__(
         self,
         partition: int,
-        lock: _Lock,
-        session: PipelinedConnection,
+        lock: Lock,
+        session: Session,
         entries: list[tuple[int, StoredMessage[E]]],
         count: int,
         fetched: int,
@@ -116,146 +83,122 @@ class Claim(Generic[E]):
         self.acked: int | None = None
 
 
-class _Refused:
+class Refused:
     """A partition locked by another consumer."""
 
 
-_REFUSED = _Refused()
+REFUSED = Refused()
 
 
-class _Lock:
-    __slots__ = ("key", "name")
+class SessionPool:
+    """Engine sessions for the threads of one reader: a thread takes one, uses it alone,
+    and gives it back."""
 
-    def __init__(self, name: str, key: int | None) -> None:
-        self.name = name
-        self.key = key
+    def __init__(self, open_session: Callable[[], Session]) -> None:
+        self._open_session = open_session
+        self._mutex = threading.Lock()
+        self._idle: list[Session] = []
+        self._open: set[Session] = set()
+
+    def take(self) -> Session:
+        """An idle session, or a new one."""
+        with self._mutex:
+            if self._idle:
+                return self._idle.pop()
+        session = self._open_session()
+        with self._mutex:
+            self._open.add(session)
+        return session
+
+    def give_back(self, session: Session) -> None:
+        """Return a session taken with `take` (a closed one is dropped)."""
+        with self._mutex:
+            if session.closed:
+                self._open.discard(session)
+            else:
+                self._idle.append(session)
+
+    def discard(self, session: Session) -> None:
+        """Close and drop a session taken with `take` (releasing its locks)."""
+        session.close()
+        with self._mutex:
+            self._open.discard(session)
+
+    def flush(self) -> None:
+        """Wait until everything sent on idle sessions is done."""
+        with self._mutex:
+            idle = list(self._idle)
+        for session in idle:
+            if not session.closed:
+                session.flush()
+
+    def close(self) -> None:
+        """Close every session, idle or taken."""
+        with self._mutex:
+            sessions = list(self._open)
+            self._open.clear()
+            self._idle.clear()
+        for session in sessions:
+            session.close()
 
 
-class SubscriptionReader(Generic[E]):
+class SubscriptionReader(abc.ABC, Generic[E]):
     """Reads batches for one subscription; safe to use from several threads."""
 
-    def __init__(
-        self,
-        subscription_name: str,
-        stream: AggregatedStream[E],
-        state_provider: SubscriptionStateProvider,
-        lock_provider: LockProvider,
-    ) -> None:
+    def __init__(self, subscription_name: str, stream: AggregatedStream[E]) -> None:
         self._name = subscription_name
-        store = stream.store
-        self._dsn = store.dsn
-        self._serializer = store._serializer
-        self._state_provider = state_provider
-        self._lock_provider = lock_provider
-        self._db_locks = (
-            lock_provider
-            if isinstance(lock_provider, DbLockProvider) and lock_provider.dsn == self._dsn
-            else None
-        )
-        self._db_state = (
-            state_provider
-            if isinstance(state_provider, DbSubscriptionStateProvider)
-            and state_provider.dsn == self._dsn
-            else None
-        )
-        names = {
-            "agg": _names.stream_table(stream.name),
-            "maxpos": _names.maxpos_table(stream.name),
-            "msgs": _names.message_table(store.name),
-            "subs": self._db_state.table if self._db_state is not None else "",
-        }
-        self._sql = {
-            "ack": _ACK.format(**names),
-            "pos": _POSITION.format(**names),
-            "read_s": _READ_WITH_STATE.format(**names),
-            "read": _READ_AFTER.format(**names),
-            "parts_s": _PARTITIONS_WITH_STATE.format(**names),
-            "parts": _PARTITIONS.format(**names),
-        }
-        setup = ["SET application_name = 'depeche-rs subscription'"]
-        if self._db_state is not None and not self._db_state.synchronous_commit:
-            setup.append("SET synchronous_commit = off")
-        # One connection per thread reading at the same time.
-        self._pool = ConnectionPool(self._dsn, setup)
+        self._serializer = stream.store._serializer
+        self._pool = SessionPool(self._open_session)
         self.partitions = PartitionQueue()
-        self._held_sessions: dict[str, PipelinedConnection] = {}
-        self._checked_at = 0.0
 
-    def _take_session(self) -> PipelinedConnection:
-        return self._pool.take()
-
-    def _give_back(self, session: PipelinedConnection) -> None:
-        self._pool.give_back(session)
-
-    def _discard(self, session: PipelinedConnection) -> None:
-        self._pool.discard(session)
+    @abc.abstractmethod
+    def _open_session(self) -> Session:
+        """A new engine session for this reader."""
 
     def close(self) -> None:
         """Close every connection (releasing the locks they hold)."""
         self._pool.close()
 
-    def _refill(self, session: PipelinedConnection, skip: list[int]) -> None:
-        if self._db_state is not None:
-            rows = session.wait(session.send(b"parts_s", self._sql["parts_s"], [self._name], True))
-            maxima = {p: m for p, m, _ in rows}
-            positions = {p: s for p, _, s in rows}
-        else:
-            rows = session.wait(session.send(b"parts", self._sql["parts"], [], True))
-            maxima = {p: m for p, m in rows}
-            positions = dict(self._state_provider.read(self._name).positions)
-        self.partitions.refill(maxima, positions, skip)
-
-    # -- locks ------------------------------------------------------------------------
-
     def lock_name(self, partition: int | str) -> str:
         """depeche-db's lock name for a partition (or "init")."""
         return f"subscription-{self._name}-{partition}"
 
-    def try_lock(self, name: str) -> _Lock | None:
+    # -- what each reader does its own way --------------------------------------------
+
+    @abc.abstractmethod
+    def try_lock(self, name: str) -> Lock | None:
         """Take a lock outside of a claim (state initialization)."""
-        if self._db_locks is None:
-            return _Lock(name, None) if self._lock_provider.lock(name) else None
-        if not self._db_locks.claim(name):
-            return None
-        key = self._db_locks.key(name)
-        session = self._take_session()
-        try:
-            locked = session.wait(session.send(b"lock", _LOCK, [key], True))[0][0]
-        except BaseException:
-            self._db_locks.release_claim(name)
-            self._discard(session)
-            raise
-        if not locked:
-            self._db_locks.release_claim(name)
-            self._give_back(session)
-            return None
-        # Held on this session: keep it out of the pool until `unlock`.
-        self._held_sessions[name] = session
-        return _Lock(name, key)
 
-    def unlock(self, lock: _Lock) -> None:
+    @abc.abstractmethod
+    def unlock(self, lock: Lock) -> None:
         """Release a lock taken with `try_lock`."""
-        if lock.key is None:
-            self._lock_provider.unlock(lock.name)
-            return
-        session = self._held_sessions.pop(lock.name)
-        self._release_lock(session, lock)
-        self._give_back(session)
 
-    def _release_lock(self, session: PipelinedConnection, lock: _Lock) -> None:
-        if lock.key is None:
-            if not session.closed:
-                # Acknowledgements in flight must be committed before another consumer
-                # can take the lock and read the state.
-                session.wait_all()
-            self._lock_provider.unlock(lock.name)
-            return
-        assert self._db_locks is not None
-        try:
-            if not session.closed:
-                session.send(b"unlock", _UNLOCK, [lock.key])
-        finally:
-            self._db_locks.release_claim(lock.name)
+    @abc.abstractmethod
+    def _positions(self, session: Session) -> tuple[dict[int, int], dict[int, int]]:
+        """Every partition's max position, and the stored positions."""
+
+    @abc.abstractmethod
+    def _read(
+        self, session: Session, partition: int, count: int
+    ) -> tuple[Lock, _native.ClaimedBatch] | Refused:
+        """Lock the partition and read its stored position and next rows."""
+
+    @abc.abstractmethod
+    def _store(self, session: Session, partition: int, position: int) -> None:
+        """Store `position` as the partition's acknowledged position."""
+
+    @abc.abstractmethod
+    def _unlock_claim(self, session: Session, lock: Lock, wait: bool) -> None:
+        """Release a claim's lock, after its acknowledgements (committed, with `wait`)."""
+
+    @abc.abstractmethod
+    def _forget_lock(self, lock: Lock) -> None:
+        """Give up a lock whose session was dropped (after an error)."""
+
+    @abc.abstractmethod
+    def stored_position(self, claim: Claim[E]) -> int:
+        """The committed position of the claimed partition (read after our
+        acknowledgements)."""
 
     # -- batches ----------------------------------------------------------------------
 
@@ -264,7 +207,7 @@ class SubscriptionReader(Generic[E]):
 
         Returns None when no partition has anything to read (or all such are locked).
         """
-        session = self._take_session()
+        session = self._pool.take()
         refused: list[int] = []
         refreshed = False
         try:
@@ -272,91 +215,52 @@ class SubscriptionReader(Generic[E]):
                 partition = self.partitions.pop()
                 if partition is None:
                     if refreshed:
-                        self._give_back(session)
+                        self._pool.give_back(session)
                         return None
-                    self._refill(session, skip=refused)
+                    maxima, positions = self._positions(session)
+                    self.partitions.refill(maxima, positions, refused)
                     refreshed = True
                     continue
                 claim = self._try_claim(session, partition, count)
-                if isinstance(claim, _Refused):
+                if isinstance(claim, Refused):
                     refused.append(partition)
                 elif claim is not None:
                     return claim
         except BaseException:
-            self._discard(session)
+            self._pool.discard(session)
             raise
         finally:
             # Locked by another consumer: try again on a later call, after the others.
             for partition in refused:
                 self.partitions.requeue(partition)
 
-    def _try_claim(
-        self, session: PipelinedConnection, partition: int, count: int
-    ) -> Claim[E] | _Refused | None:
-        """The claim, `_REFUSED` if the partition is locked elsewhere, None if it has
+    def _try_claim(self, session: Session, partition: int, count: int) -> Claim[E] | Refused | None:
+        """The claim, `REFUSED` if the partition is locked elsewhere, None if it has
         nothing to read."""
-        name = self.lock_name(partition)
-        lock_pending: Pending | None = None
-        if self._db_locks is not None:
-            if not self._db_locks.claim(name):
-                return _REFUSED
-            lock = _Lock(name, self._db_locks.key(name))
-            lock_pending = session.send(b"lock", _LOCK, [lock.key], True)
-        else:
-            if not self._lock_provider.lock(name):
-                return _REFUSED
-            lock = _Lock(name, None)
+        read = self._read(session, partition, count)
+        if isinstance(read, Refused):
+            return read
+        lock, batch = read
+        rows = batch.rows
         try:
-            read = self._read(session, partition, count, lock_pending)
-            if read is None:
-                assert self._db_locks is not None
-                self._db_locks.release_claim(name)
-                return _REFUSED
-            position, rows = read
             entries, skipped_to = self._decode(partition, rows)
+            position = batch.position
             if skipped_to is not None:
-                self._send_ack(session, partition, skipped_to)
+                self._store(session, partition, skipped_to)
                 position = skipped_to
             self.partitions.note_position(partition, position)
         except BaseException:
-            self._release_lock(session, lock)
+            self._unlock_claim(session, lock, wait=False)
             raise
         if not entries:
-            self._release_lock(session, lock)
+            self._unlock_claim(session, lock, wait=False)
             if len(rows) >= count:
                 self.partitions.requeue(partition)
             return None
-        return Claim(partition, lock, session, entries, count, len(rows), rows[-1][1])
-
-    def _read(
-        self,
-        session: PipelinedConnection,
-        partition: int,
-        count: int,
-        lock_pending: Pending | None,
-    ) -> tuple[int, list[tuple[Any, ...]]] | None:
-        """The partition's position and the batch rows, or None if the lock was refused."""
-        if self._db_state is not None:
-            params: list[Param] = [self._name, partition, count]
-            read = session.send(b"read_s", self._sql["read_s"], params, True)
-            if lock_pending is not None and not session.wait(lock_pending)[0][0]:
-                # Someone else holds the partition: the rows are stale, skip decoding them.
-                read.want_rows = False
-                return None
-            rows = session.wait(read)
-            # The first column is the position read from the state table; a partition
-            # with nothing after it gives one row of NULL message columns.
-            return int(rows[0][0]), [row for row in rows if row[1] is not None]
-        if lock_pending is not None and not session.wait(lock_pending)[0][0]:
-            return None
-        after = self._state_provider.read(self._name).positions.get(partition, -1)
-        rows = session.wait(
-            session.send(b"read", self._sql["read"], [partition, after, count], True)
-        )
-        return after, rows
+        return Claim(partition, lock, session, entries, count, len(rows), rows[-1].position)
 
     def _decode(
-        self, partition: int, rows: list[tuple[Any, ...]]
+        self, partition: int, rows: list[_native.BatchRow]
     ) -> tuple[list[tuple[int, StoredMessage[E]]], int | None]:
         """Deserialize rows into (position, StoredMessage) up to the first gap or failure.
 
@@ -366,8 +270,10 @@ class SubscriptionReader(Generic[E]):
         entries: list[tuple[int, StoredMessage[E]]] = []
         skipped_to: int | None = None
         deserialize = self._serializer.deserialize
-        for _, position, message_id, stream, version, body, global_position, added_at in rows:
-            if message_id is None:
+        loads = json.loads
+        for row in rows:
+            position, stored = row.position, row.stored
+            if stored is None:
                 if entries:
                     # Keep batches gap-free; the next batch starts at the gap.
                     break
@@ -381,25 +287,26 @@ class SubscriptionReader(Generic[E]):
                 skipped_to = position
                 continue
             try:
-                message = deserialize(body)
+                message = deserialize(loads(stored.message))
             except Exception as exc:
                 if entries:
                     # Deliver what precedes it; the next batch starts with it and fails.
                     break
                 raise SerializationError(
-                    f"cannot deserialize message {message_id} (stream {stream!r}, version "
-                    f"{version}) at partition {partition} position {position}: {exc}"
+                    f"cannot deserialize message {stored.message_id} (stream "
+                    f"{stored.stream!r}, version {stored.version}) at partition {partition} "
+                    f"position {position}: {exc}"
                 ) from exc
             entries.append(
                 (
                     position,
                     StoredMessage(
-                        message_id=message_id,
-                        stream=stream,
-                        version=version,
+                        message_id=stored.message_id,
+                        stream=stored.stream,
+                        version=stored.version,
                         message=message,
-                        global_position=global_position,
-                        added_at=added_at,
+                        global_position=stored.global_position,
+                        added_at=stored.added_at,
                     ),
                 )
             )
@@ -408,45 +315,14 @@ class SubscriptionReader(Generic[E]):
     # -- acknowledgements -------------------------------------------------------------
 
     def ack(self, claim: Claim[E], position: int) -> None:
-        """Acknowledge `position` of the claimed partition.
-
-        With the default state provider the acknowledgement is queued on the claim's
-        connection and committed in order, before the unlock; otherwise it is stored
-        through the state provider.
-        """
-        self._send_ack(claim.session, claim.partition, position)
+        """Acknowledge `position` of the claimed partition."""
+        self._store(claim.session, claim.partition, position)
         claim.acked = position
 
-    def _send_ack(self, session: PipelinedConnection, partition: int, position: int) -> None:
-        if self._db_state is None:
-            self._state_provider.store(self._name, partition, position)
-            return
-        session.send(b"ack", self._sql["ack"], [self._name, partition, position])
-        self._check_now(session)
-
     def check(self, claim: Claim[E]) -> None:
-        """Raise if the claim's connection (and so its partition lock) was found lost.
-
-        Looks at most every `_CHECK_SECONDS`: a dead connection's advisory lock is gone,
-        so the batch must stop, but a look costs a few system calls.
-        """
-        self._check_now(claim.session)
-
-    def _check_now(self, session: PipelinedConnection) -> None:
-        now = time.monotonic()
-        if now - self._checked_at >= _CHECK_SECONDS:
-            self._checked_at = now
-            session.check()
-
-    def stored_position(self, claim: Claim[E]) -> int:
-        """The committed position of the claimed partition (read after our queued
-        acknowledgements)."""
-        partition = claim.partition
-        if self._db_state is None:
-            return self._state_provider.read(self._name).positions.get(partition, -1)
-        session = claim.session
-        rows = session.wait(session.send(b"pos", self._sql["pos"], [self._name, partition], True))
-        return int(rows[0][0]) if rows else -1
+        """Raise if the claim's connection was found lost (a dead connection's advisory
+        lock is gone, so the batch must stop); never blocks."""
+        claim.session.check()
 
     def release(self, claim: Claim[E], wait: bool = True) -> None:
         """Finish a claim: unlock the partition (after its acknowledgements).
@@ -456,11 +332,9 @@ class SubscriptionReader(Generic[E]):
         """
         session = claim.session
         try:
-            self._release_lock(session, claim.lock)
-            if wait and not session.closed:
-                session.wait_all()
+            self._unlock_claim(session, claim.lock, wait)
         except BaseException:
-            self._discard(session)
+            self._pool.discard(session)
             raise
         partition = claim.partition
         if claim.acked is not None:
@@ -473,7 +347,7 @@ class SubscriptionReader(Generic[E]):
         ):
             # At the back: a partition that keeps failing does not starve the others.
             self.partitions.requeue(partition)
-        self._give_back(session)
+        self._pool.give_back(session)
 
     def release_after_error(self, claim: Claim[E]) -> None:
         """Unlock after an error; if that fails too, drop the connection (and its locks)."""
@@ -484,14 +358,11 @@ class SubscriptionReader(Generic[E]):
 
     def sync(self) -> None:
         """Wait until everything queued on idle connections is committed."""
-        self._pool.wait_all()
+        self._pool.flush()
 
     def abandon(self, claim: Claim[E]) -> None:
         """Finish a claim after a database error: drop the connection (and its locks)."""
-        self._discard(claim.session)
-        if claim.lock.key is None:
-            self._lock_provider.unlock(claim.lock.name)
-        elif self._db_locks is not None:
-            self._db_locks.release_claim(claim.lock.name)
+        self._pool.discard(claim.session)
+        self._forget_lock(claim.lock)
         self.partitions.forget_position(claim.partition)
         self.partitions.requeue(claim.partition)

@@ -26,6 +26,10 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The connection is gone (found closed before a statement was sent, or a
+    /// statement sent without waiting never finished).
+    #[error("{0}")]
+    Lost(String),
     /// A configuration value is invalid.
     #[error("{0}")]
     Config(String),
@@ -115,7 +119,7 @@ impl Error {
     /// True when the connection is unusable and must be replaced.
     #[must_use]
     pub fn is_connection_error(&self) -> bool {
-        matches!(self, Error::Connection { .. })
+        matches!(self, Error::Connection { .. } | Error::Lost(_))
             || matches!(
                 self.sqlstate(),
                 Some(c) if *c == SqlState::ADMIN_SHUTDOWN

@@ -1,4 +1,5 @@
-//! The pure-Rust engine: configuration, SQL, partitioners and the projector loop.
+//! The pure-Rust engine: configuration, SQL, partitioners, the projector loop and the
+//! subscription read path.
 
 pub mod config;
 pub mod connect;
@@ -7,6 +8,7 @@ pub mod error;
 pub mod partitioner;
 pub mod projector;
 pub mod sql;
+pub mod subscription;
 
 pub use config::{ProjectorConfig, TableNames};
 pub use error::{Error, Result};

@@ -42,7 +42,9 @@ impl From<Error> for PyErr {
         Python::attach(|py| {
             let message = err.to_string();
             let built = match &err {
-                Error::Connection { .. } => exception(py, "DatabaseConnectionError", message),
+                Error::Connection { .. } | Error::Lost(_) => {
+                    exception(py, "DatabaseConnectionError", message)
+                }
                 Error::Database { .. } if err.is_connection_error() => {
                     exception(py, "DatabaseConnectionError", message)
                 }

@@ -4,3 +4,4 @@ pub mod errors;
 pub mod partition;
 pub mod projector;
 pub mod runtime;
+pub mod subscription;

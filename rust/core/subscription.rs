@@ -1,0 +1,601 @@
+//! The subscription read path on one connection: claim a partition (a session advisory
+//! lock), read its stored position and next batch, acknowledge, unlock.
+//!
+//! Every statement runs in its own implicit transaction, and statements are pipelined:
+//! acknowledgements and unlocks are sent without waiting for their results. The server
+//! runs them in the order sent, which is what the subscription relies on: an
+//! acknowledgement sent before an unlock is committed before the lock is released, and a
+//! read sent after a lock sees everything the previous holder committed before it
+//! unlocked. A subscription acknowledging message after message therefore waits for a
+//! round trip only when it needs rows back.
+//!
+//! Lock keys are computed by the caller (depeche-db's keys: sha1 of
+//! "<namespace>.<lock name>", which the Python lock provider defines).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use chrono::NaiveDateTime;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Row, Statement};
+use uuid::Uuid;
+
+use crate::core::config::{validate_identifier, TableNames, MAX_IDENTIFIER_BYTES};
+use crate::core::connect::connect;
+use crate::core::error::{Error, Result};
+
+/// The `application_name` of subscription sessions (operators and tests look for it).
+pub const APPLICATION_NAME: &str = "depeche-rs subscription";
+
+/// The tables one subscription reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionTables {
+    /// `depeche_msgs_<store>`
+    pub messages: String,
+    /// `depeche_stream_<agg>`
+    pub stream: String,
+    /// `depeche_stream_<agg>_maxpos`
+    pub maxpos: String,
+    /// `depeche_subscriptions_<name>`, when the state is kept in the database by the
+    /// engine (`None` when a state provider of the caller's keeps it).
+    pub state: Option<String>,
+}
+
+impl SubscriptionTables {
+    /// Derive the names; `state` is the state table's full name.
+    pub fn new(store: &str, stream: &str, state: Option<&str>) -> Result<Self> {
+        let names = TableNames::new(store, stream)?;
+        if let Some(table) = state {
+            validate_identifier(table, "subscription state table")?;
+            if table.len() > MAX_IDENTIFIER_BYTES {
+                return Err(Error::Config(format!(
+                    "{table:?} is {} bytes long; PostgreSQL identifiers hold at most \
+                     {MAX_IDENTIFIER_BYTES}: use a shorter subscription name",
+                    table.len()
+                )));
+            }
+        }
+        Ok(Self {
+            messages: names.messages,
+            stream: names.stream,
+            maxpos: names.maxpos,
+            state: state.map(str::to_owned),
+        })
+    }
+}
+
+const LOCK: &str = "SELECT pg_try_advisory_lock($1::int8)";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1::int8)";
+const BATCH_COLUMNS: &str = "a.position::int8, m.message_id, m.stream::text, \
+    m.version::int8, m.message::text, m.global_position::int8, m.added_at";
+
+/// Acknowledgements never move a position backwards: an acknowledgement of ours still
+/// in flight must not undo a later one the handler committed in its own transaction.
+fn ack_sql(state: &str) -> String {
+    format!(
+        "INSERT INTO {state} AS s (subscription_name, partition, position) \
+         VALUES ($1::text, $2::int8, $3::int8) \
+         ON CONFLICT (subscription_name, partition) DO UPDATE SET position = excluded.position \
+         WHERE s.position < excluded.position"
+    )
+}
+
+fn position_sql(state: &str) -> String {
+    format!(
+        "SELECT position::int8 FROM {state} \
+         WHERE subscription_name = $1::text AND partition = $2::int8"
+    )
+}
+
+/// The partition's stored position and the batch after it, in one statement that runs
+/// after the lock is granted. Always one row (the position) even when nothing follows.
+fn read_with_state_sql(t: &SubscriptionTables, state: &str) -> String {
+    format!(
+        "SELECT s.pos, {BATCH_COLUMNS} \
+         FROM (SELECT coalesce((SELECT position FROM {state} \
+               WHERE subscription_name = $1::text AND partition = $2::int8), -1)::int8 AS pos) AS s \
+         LEFT JOIN LATERAL (SELECT position, message_id FROM {agg} \
+               WHERE partition = $2::int8 AND position > s.pos ORDER BY position LIMIT $3::int8) AS a \
+               ON true \
+         LEFT JOIN {msgs} AS m ON m.message_id = a.message_id \
+         ORDER BY a.position",
+        agg = t.stream,
+        msgs = t.messages,
+    )
+}
+
+/// The batch after a position the caller read from its own state provider.
+fn read_after_sql(t: &SubscriptionTables) -> String {
+    format!(
+        "SELECT $2::int8, {BATCH_COLUMNS} \
+         FROM (SELECT position, message_id FROM {agg} \
+               WHERE partition = $1::int8 AND position > $2::int8 ORDER BY position LIMIT $3::int8) AS a \
+         LEFT JOIN {msgs} AS m ON m.message_id = a.message_id \
+         ORDER BY a.position",
+        agg = t.stream,
+        msgs = t.messages,
+    )
+}
+
+/// Every partition's max position, with the subscription's stored position (-1 if none).
+fn partitions_with_state_sql(t: &SubscriptionTables, state: &str) -> String {
+    format!(
+        "SELECT p.partition::int8, p.max_position::int8, coalesce(s.position, -1)::int8 \
+         FROM {maxpos} AS p \
+         LEFT JOIN {state} AS s ON s.subscription_name = $1::text AND s.partition = p.partition",
+        maxpos = t.maxpos,
+    )
+}
+
+fn partitions_sql(t: &SubscriptionTables) -> String {
+    format!(
+        "SELECT partition::int8, max_position::int8, -1::int8 FROM {}",
+        t.maxpos
+    )
+}
+
+/// One message of a batch, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    /// The message's id.
+    pub message_id: Uuid,
+    /// Its origin stream.
+    pub stream: String,
+    /// Its version in the origin stream.
+    pub version: i64,
+    /// The message body, JSON text.
+    pub body: String,
+    /// Its global position in the store.
+    pub global_position: i64,
+    /// When it was written (UTC, naive).
+    pub added_at: NaiveDateTime,
+}
+
+/// One position of a partition: the message it points to, or `None` when the message
+/// is no longer in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRow {
+    /// Position in the partition.
+    pub position: i64,
+    /// The message, if it is still stored.
+    pub message: Option<StoredRow>,
+}
+
+/// A batch read from a partition.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Batch {
+    /// The partition's stored position the batch follows (-1 for none).
+    pub position: i64,
+    /// The rows after it, in position order.
+    pub rows: Vec<BatchRow>,
+}
+
+/// A partition's max position and the subscription's stored position in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionState {
+    /// The partition.
+    pub partition: i64,
+    /// Its highest position.
+    pub max_position: i64,
+    /// The stored position (-1 if none, or if the state is not the engine's).
+    pub position: i64,
+}
+
+struct StateStatements {
+    ack: Statement,
+    position: Statement,
+    read: Statement,
+    partitions: Statement,
+}
+
+struct Statements {
+    lock: Statement,
+    unlock: Statement,
+    read_after: Statement,
+    partitions: Statement,
+    state: Option<StateStatements>,
+}
+
+/// The subscription's session: one connection, used by one caller at a time.
+pub struct SubscriptionSession {
+    client: Arc<Client>,
+    name: String,
+    statements: Statements,
+    /// Statements sent without waiting, in the order sent.
+    in_flight: VecDeque<JoinHandle<Result<()>>>,
+}
+
+impl SubscriptionSession {
+    /// Connect and prepare the statements. `name` is the subscription's name (the key
+    /// of its rows in the state table). With `synchronous_commit` false, the session's
+    /// acknowledgements do not wait for the WAL flush.
+    pub async fn connect(
+        dsn: &str,
+        tables: &SubscriptionTables,
+        name: &str,
+        synchronous_commit: bool,
+    ) -> Result<Self> {
+        let client = connect(dsn, APPLICATION_NAME).await?;
+        // Set even when the DSN names another application: operators find the
+        // subscription's sessions by this name.
+        let mut setup = format!("SET application_name = '{APPLICATION_NAME}'");
+        if !synchronous_commit {
+            setup.push_str("; SET synchronous_commit = off");
+        }
+        client
+            .batch_execute(&setup)
+            .await
+            .map_err(|e| Error::from_pg("configuring the subscription session", e))?;
+        let statements = prepare(&client, tables).await?;
+        Ok(Self {
+            client: Arc::new(client),
+            name: name.to_owned(),
+            statements,
+            in_flight: VecDeque::new(),
+        })
+    }
+
+    /// Whether the connection is gone (and with it every lock it held).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Fail if the connection is gone or a statement sent without waiting failed;
+    /// never blocks (a dead connection's advisory locks are gone: a batch in progress
+    /// must stop).
+    pub fn check(&mut self) -> Result<()> {
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Some(handle) = self.in_flight.front_mut() {
+            match Pin::new(handle).poll(&mut cx) {
+                Poll::Ready(outcome) => {
+                    self.in_flight.pop_front();
+                    joined(outcome)?;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.client.is_closed() {
+            return Err(lost());
+        }
+        Ok(())
+    }
+
+    /// Wait until every statement sent so far is done; fail with the first error.
+    pub async fn flush(&mut self) -> Result<()> {
+        let mut first: Option<Error> = None;
+        while let Some(handle) = self.in_flight.pop_front() {
+            if let Err(e) = joined(handle.await) {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Try the advisory lock `key` (never waits for another holder).
+    pub async fn try_lock(&mut self, key: i64) -> Result<bool> {
+        let row = self
+            .client
+            .query_one(&self.statements.lock, &[&key])
+            .await
+            .map_err(|e| Error::from_pg("taking a subscription lock", e))?;
+        self.flush().await?;
+        Ok(row.get::<_, bool>(0))
+    }
+
+    /// Release the advisory lock `key`, after everything sent before; does not wait.
+    pub fn unlock(&mut self, key: i64) -> Result<()> {
+        let client = Arc::clone(&self.client);
+        let statement = self.statements.unlock.clone();
+        self.send(async move {
+            client
+                .query_one(&statement, &[&key])
+                .await
+                .map(drop)
+                .map_err(|e| Error::from_pg("releasing a subscription lock", e))
+        })
+    }
+
+    /// Lock `key` (when given) and read the partition's stored position and up to
+    /// `count` rows after it, in one round trip. `Ok(None)` when the lock is held
+    /// elsewhere.
+    pub async fn claim(
+        &mut self,
+        partition: i64,
+        key: Option<i64>,
+        count: i64,
+    ) -> Result<Option<Batch>> {
+        let state = self.state()?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&self.name, &partition, &count];
+        let read = self.client.query(&state.read, &params);
+        let rows = self.locked(key, read).await?;
+        // What was sent before is done by now: report its failures first.
+        self.flush().await?;
+        let Some(rows) = rows else {
+            return Ok(None);
+        };
+        // The first column is the stored position; a partition with nothing after it
+        // gives one row of NULL message columns.
+        let position = rows.first().map_or(Ok(-1), |r| get(r, 0))?;
+        Ok(Some(batch(position, &rows)?))
+    }
+
+    /// Lock `key` (when given) and read up to `count` rows after `after` (a position the
+    /// caller's state provider stored). `Ok(None)` when the lock is held elsewhere.
+    pub async fn read_after(
+        &mut self,
+        partition: i64,
+        key: Option<i64>,
+        after: i64,
+        count: i64,
+    ) -> Result<Option<Batch>> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&partition, &after, &count];
+        let read = self.client.query(&self.statements.read_after, &params);
+        let rows = self.locked(key, read).await?;
+        self.flush().await?;
+        rows.map(|rows| batch(after, &rows)).transpose()
+    }
+
+    async fn locked(
+        &self,
+        key: Option<i64>,
+        read: impl Future<Output = std::result::Result<Vec<Row>, tokio_postgres::Error>>,
+    ) -> Result<Option<Vec<Row>>> {
+        let read = async { read.await.map_err(|e| Error::from_pg("reading a batch", e)) };
+        let Some(key) = key else {
+            return read.await.map(Some);
+        };
+        let lock = async {
+            self.client
+                .query_one(&self.statements.lock, &[&key])
+                .await
+                .map_err(|e| Error::from_pg("taking a partition lock", e))
+        };
+        // Polled together, lock first: the driver sends both before waiting.
+        let (locked, rows) = tokio::join!(lock, read);
+        let locked: bool = get(&locked?, 0)?;
+        let rows = rows?;
+        // Someone else holds the partition: the rows are stale.
+        Ok(locked.then_some(rows))
+    }
+
+    /// Store `position` as the partition's acknowledged position (never moving it
+    /// backwards), after everything sent before; does not wait.
+    pub fn ack(&mut self, partition: i64, position: i64) -> Result<()> {
+        let statement = self.state()?.ack.clone();
+        let client = Arc::clone(&self.client);
+        let name = self.name.clone();
+        self.send(async move {
+            client
+                .execute(&statement, &[&name, &partition, &position])
+                .await
+                .map(drop)
+                .map_err(|e| Error::from_pg("acknowledging a subscription message", e))
+        })
+    }
+
+    /// The partition's committed position (read after the acknowledgements sent
+    /// before), -1 if none.
+    pub async fn stored_position(&mut self, partition: i64) -> Result<i64> {
+        let statement = self.state()?.position.clone();
+        let rows = self
+            .client
+            .query(&statement, &[&self.name, &partition])
+            .await
+            .map_err(|e| Error::from_pg("reading a subscription position", e))?;
+        self.flush().await?;
+        rows.first().map_or(Ok(-1), |r| get(r, 0))
+    }
+
+    /// Every partition's max position with the stored position (-1 without a state
+    /// table of the engine's).
+    pub async fn partitions(&mut self) -> Result<Vec<PartitionState>> {
+        let rows = match &self.statements.state {
+            Some(state) => self.client.query(&state.partitions, &[&self.name]).await,
+            None => self.client.query(&self.statements.partitions, &[]).await,
+        }
+        .map_err(|e| Error::from_pg("reading the partitions' positions", e))?;
+        self.flush().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PartitionState {
+                    partition: get(r, 0)?,
+                    max_position: get(r, 1)?,
+                    position: get(r, 2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn state(&self) -> Result<&StateStatements> {
+        self.statements.state.as_ref().ok_or_else(|| {
+            Error::Config("this subscription session keeps no state (no state table)".into())
+        })
+    }
+
+    /// Send a statement now, in order, and let a task collect its result.
+    ///
+    /// The driver queues a request on the first poll of its future; polling it once
+    /// here (the future owns everything it uses) puts it on the wire in call order,
+    /// which spawning alone would not guarantee. Must run inside the runtime.
+    fn send<F>(&mut self, future: F) -> Result<()>
+    where
+        F: Future<Output = Result<()>> + Send + 'static,
+    {
+        if self.client.is_closed() {
+            return Err(lost());
+        }
+        let mut future = Box::pin(future);
+        let mut cx = Context::from_waker(Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+                    Error::Config("subscription statements must be sent inside the runtime".into())
+                })?;
+                self.in_flight.push_back(handle.spawn(future));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for SubscriptionSession {
+    fn drop(&mut self) {
+        // The tasks hold the client: let the connection (and its locks) go now.
+        for handle in self.in_flight.drain(..) {
+            handle.abort();
+        }
+    }
+}
+
+async fn prepare(client: &Client, t: &SubscriptionTables) -> Result<Statements> {
+    let prepare = |sql: String| async move {
+        client
+            .prepare(&sql)
+            .await
+            .map_err(|e| Error::from_pg("preparing the subscription's statements", e))
+    };
+    let (lock, unlock, read_after, partitions) = tokio::try_join!(
+        prepare(LOCK.to_owned()),
+        prepare(UNLOCK.to_owned()),
+        prepare(read_after_sql(t)),
+        prepare(partitions_sql(t)),
+    )?;
+    let state = match &t.state {
+        Some(table) => {
+            let (ack, position, read, partitions) = tokio::try_join!(
+                prepare(ack_sql(table)),
+                prepare(position_sql(table)),
+                prepare(read_with_state_sql(t, table)),
+                prepare(partitions_with_state_sql(t, table)),
+            )?;
+            Some(StateStatements {
+                ack,
+                position,
+                read,
+                partitions,
+            })
+        }
+        None => None,
+    };
+    Ok(Statements {
+        lock,
+        unlock,
+        read_after,
+        partitions,
+        state,
+    })
+}
+
+fn lost() -> Error {
+    Error::Lost("lost the subscription's database connection".into())
+}
+
+fn joined(outcome: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match outcome {
+        Ok(result) => result,
+        Err(e) => Err(Error::Lost(format!(
+            "a subscription statement did not finish: {e}"
+        ))),
+    }
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
+    row.try_get(index).map_err(|e| Error::Database {
+        what: "decoding a subscription row",
+        source: e,
+    })
+}
+
+/// Rows of `position, message_id, stream, version, message, global_position, added_at`
+/// after the leading column; rows without a position (the empty partition) are skipped.
+fn batch(position: i64, rows: &[Row]) -> Result<Batch> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Some(at) = get::<Option<i64>>(row, 1)? else {
+            continue;
+        };
+        let message = match get::<Option<Uuid>>(row, 2)? {
+            Some(message_id) => Some(StoredRow {
+                message_id,
+                stream: get(row, 3)?,
+                version: get(row, 4)?,
+                body: get(row, 5)?,
+                global_position: get(row, 6)?,
+                added_at: get(row, 7)?,
+            }),
+            None => None,
+        };
+        out.push(BatchRow {
+            position: at,
+            message,
+        });
+    }
+    Ok(Batch {
+        position,
+        rows: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(state: Option<&str>) -> SubscriptionTables {
+        SubscriptionTables::new("shop", "orders", state).unwrap()
+    }
+
+    #[test]
+    fn tables_are_derived_and_state_names_checked() {
+        let t = tables(Some("depeche_subscriptions_billing"));
+        assert_eq!(t.messages, "depeche_msgs_shop");
+        assert_eq!(t.stream, "depeche_stream_orders");
+        assert_eq!(t.maxpos, "depeche_stream_orders_maxpos");
+        assert_eq!(t.state.as_deref(), Some("depeche_subscriptions_billing"));
+        for bad in ["", "a;drop table x", "a b", "1x"] {
+            assert!(SubscriptionTables::new("shop", "orders", Some(bad)).is_err());
+        }
+        assert!(SubscriptionTables::new("shop", "orders", Some(&"s".repeat(64))).is_err());
+        assert!(SubscriptionTables::new("shop", "orders", None)
+            .unwrap()
+            .state
+            .is_none());
+    }
+
+    #[test]
+    fn acknowledgements_never_move_backwards() {
+        let sql = ack_sql("depeche_subscriptions_x");
+        assert!(sql.starts_with("INSERT INTO depeche_subscriptions_x AS s "));
+        assert!(sql.ends_with("WHERE s.position < excluded.position"));
+    }
+
+    #[test]
+    fn reads_name_every_table_and_limit_the_batch() {
+        let t = tables(Some("depeche_subscriptions_x"));
+        let with_state = read_with_state_sql(&t, "depeche_subscriptions_x");
+        for name in [
+            "depeche_subscriptions_x",
+            "depeche_stream_orders ",
+            "depeche_msgs_shop ",
+        ] {
+            assert!(
+                with_state.contains(name),
+                "{name} missing from {with_state}"
+            );
+        }
+        assert!(with_state.contains("LIMIT $3::int8"));
+        let after = read_after_sql(&t);
+        assert!(after.contains("position > $2::int8") && after.contains("LIMIT $3::int8"));
+        assert!(partitions_with_state_sql(&t, "depeche_subscriptions_x")
+            .contains("FROM depeche_stream_orders_maxpos AS p"));
+        assert!(partitions_sql(&t).ends_with("FROM depeche_stream_orders_maxpos"));
+    }
+}
