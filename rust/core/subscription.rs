@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use chrono::NaiveDateTime;
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
@@ -199,13 +198,16 @@ struct Statements {
     state: Option<StateStatements>,
 }
 
+/// A statement already sent, whose result is still to be read.
+type InFlight = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
 /// The subscription's session: one connection, used by one caller at a time.
 pub struct SubscriptionSession {
     client: Arc<Client>,
     name: String,
     statements: Statements,
     /// Statements sent without waiting, in the order sent.
-    in_flight: VecDeque<JoinHandle<Result<()>>>,
+    in_flight: VecDeque<InFlight>,
 }
 
 impl SubscriptionSession {
@@ -248,45 +250,44 @@ impl SubscriptionSession {
     /// never blocks (a dead connection's advisory locks are gone: a batch in progress
     /// must stop).
     pub fn check(&mut self) -> Result<()> {
-        let mut cx = Context::from_waker(Waker::noop());
-        while let Some(handle) = self.in_flight.front_mut() {
-            match Pin::new(handle).poll(&mut cx) {
-                Poll::Ready(outcome) => {
-                    self.in_flight.pop_front();
-                    joined(outcome)?;
-                }
-                Poll::Pending => break,
-            }
-        }
+        self.reap()?;
         if self.client.is_closed() {
             return Err(lost());
         }
         Ok(())
     }
 
-    /// Wait until every statement sent so far is done; fail with the first error.
-    pub async fn flush(&mut self) -> Result<()> {
-        let mut first: Option<Error> = None;
-        while let Some(handle) = self.in_flight.pop_front() {
-            if let Err(e) = joined(handle.await) {
-                first.get_or_insert(e);
+    /// Read the results that have arrived, oldest first, without waiting; fail with the
+    /// first error. Reading them also keeps the driver from holding back later
+    /// responses (among them a terminated session's last words) for want of a reader.
+    fn reap(&mut self) -> Result<()> {
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Some(statement) = self.in_flight.front_mut() {
+            match statement.as_mut().poll(&mut cx) {
+                Poll::Ready(outcome) => {
+                    self.in_flight.pop_front();
+                    outcome?;
+                }
+                Poll::Pending => break,
             }
         }
-        match first {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        Ok(())
+    }
+
+    /// Wait until every statement sent so far is done; fail with the first error.
+    pub async fn flush(&mut self) -> Result<()> {
+        settle(std::mem::take(&mut self.in_flight)).await
     }
 
     /// Try the advisory lock `key` (never waits for another holder).
     pub async fn try_lock(&mut self, key: i64) -> Result<bool> {
-        let row = self
-            .client
-            .query_one(&self.statements.lock, &[&key])
-            .await
-            .map_err(|e| Error::from_pg("taking a subscription lock", e))?;
-        self.flush().await?;
-        Ok(row.get::<_, bool>(0))
+        let earlier = settle(std::mem::take(&mut self.in_flight));
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        let lock = self.client.query_one(&self.statements.lock, &params);
+        let (earlier, row) = tokio::join!(earlier, lock);
+        earlier?;
+        let row = row.map_err(|e| Error::from_pg("taking a subscription lock", e))?;
+        get(&row, 0)
     }
 
     /// Release the advisory lock `key`, after everything sent before; does not wait.
@@ -311,14 +312,13 @@ impl SubscriptionSession {
         key: Option<i64>,
         count: i64,
     ) -> Result<Option<Batch>> {
+        let earlier = settle(std::mem::take(&mut self.in_flight));
         let state = self.state()?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&self.name, &partition, &count];
         let read = self.client.query(&state.read, &params);
-        let rows = self.locked(key, read).await?;
-        // What was sent before is done by now: report its failures first.
-        self.flush().await?;
-        let Some(rows) = rows else {
+        let lock = &self.statements.lock;
+        let Some(rows) = locked(&self.client, lock, earlier, key, read).await? else {
             return Ok(None);
         };
         // The first column is the stored position; a partition with nothing after it
@@ -336,34 +336,11 @@ impl SubscriptionSession {
         after: i64,
         count: i64,
     ) -> Result<Option<Batch>> {
+        let earlier = settle(std::mem::take(&mut self.in_flight));
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&partition, &after, &count];
         let read = self.client.query(&self.statements.read_after, &params);
-        let rows = self.locked(key, read).await?;
-        self.flush().await?;
+        let rows = locked(&self.client, &self.statements.lock, earlier, key, read).await?;
         rows.map(|rows| batch(after, &rows)).transpose()
-    }
-
-    async fn locked(
-        &self,
-        key: Option<i64>,
-        read: impl Future<Output = std::result::Result<Vec<Row>, tokio_postgres::Error>>,
-    ) -> Result<Option<Vec<Row>>> {
-        let read = async { read.await.map_err(|e| Error::from_pg("reading a batch", e)) };
-        let Some(key) = key else {
-            return read.await.map(Some);
-        };
-        let lock = async {
-            self.client
-                .query_one(&self.statements.lock, &[&key])
-                .await
-                .map_err(|e| Error::from_pg("taking a partition lock", e))
-        };
-        // Polled together, lock first: the driver sends both before waiting.
-        let (locked, rows) = tokio::join!(lock, read);
-        let locked: bool = get(&locked?, 0)?;
-        let rows = rows?;
-        // Someone else holds the partition: the rows are stale.
-        Ok(locked.then_some(rows))
     }
 
     /// Store `position` as the partition's acknowledged position (never moving it
@@ -384,25 +361,29 @@ impl SubscriptionSession {
     /// The partition's committed position (read after the acknowledgements sent
     /// before), -1 if none.
     pub async fn stored_position(&mut self, partition: i64) -> Result<i64> {
-        let statement = self.state()?.position.clone();
-        let rows = self
-            .client
-            .query(&statement, &[&self.name, &partition])
-            .await
-            .map_err(|e| Error::from_pg("reading a subscription position", e))?;
-        self.flush().await?;
+        let earlier = settle(std::mem::take(&mut self.in_flight));
+        let statement = &self.state()?.position;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.name, &partition];
+        let read = self.client.query(statement, &params);
+        let (earlier, rows) = tokio::join!(earlier, read);
+        earlier?;
+        let rows = rows.map_err(|e| Error::from_pg("reading a subscription position", e))?;
         rows.first().map_or(Ok(-1), |r| get(r, 0))
     }
 
     /// Every partition's max position with the stored position (-1 without a state
     /// table of the engine's).
     pub async fn partitions(&mut self) -> Result<Vec<PartitionState>> {
-        let rows = match &self.statements.state {
-            Some(state) => self.client.query(&state.partitions, &[&self.name]).await,
-            None => self.client.query(&self.statements.partitions, &[]).await,
-        }
-        .map_err(|e| Error::from_pg("reading the partitions' positions", e))?;
-        self.flush().await?;
+        let earlier = settle(std::mem::take(&mut self.in_flight));
+        let read = async {
+            match &self.statements.state {
+                Some(state) => self.client.query(&state.partitions, &[&self.name]).await,
+                None => self.client.query(&self.statements.partitions, &[]).await,
+            }
+        };
+        let (earlier, rows) = tokio::join!(earlier, read);
+        earlier?;
+        let rows = rows.map_err(|e| Error::from_pg("reading the partitions' positions", e))?;
         rows.iter()
             .map(|r| {
                 Ok(PartitionState {
@@ -420,40 +401,68 @@ impl SubscriptionSession {
         })
     }
 
-    /// Send a statement now, in order, and let a task collect its result.
+    /// Send a statement now, in call order, without waiting for its result.
     ///
-    /// The driver queues a request on the first poll of its future; polling it once
-    /// here (the future owns everything it uses) puts it on the wire in call order,
-    /// which spawning alone would not guarantee. Must run inside the runtime.
+    /// The driver queues a request on the first poll of its future: polling it once
+    /// here (the future owns everything it uses) puts it on the wire; its result is
+    /// read later, by `check`, the next `send` or the next call that waits. Its response is small
+    /// enough for the driver to hold until then without stalling the connection.
     fn send<F>(&mut self, future: F) -> Result<()>
     where
         F: Future<Output = Result<()>> + Send + 'static,
     {
-        if self.client.is_closed() {
-            return Err(lost());
-        }
-        let mut future = Box::pin(future);
+        self.check()?;
+        let mut future: InFlight = Box::pin(future);
         let mut cx = Context::from_waker(Waker::noop());
         match future.as_mut().poll(&mut cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-                    Error::Config("subscription statements must be sent inside the runtime".into())
-                })?;
-                self.in_flight.push_back(handle.spawn(future));
+                self.in_flight.push_back(future);
                 Ok(())
             }
         }
     }
 }
 
-impl Drop for SubscriptionSession {
-    fn drop(&mut self) {
-        // The tasks hold the client: let the connection (and its locks) go now.
-        for handle in self.in_flight.drain(..) {
-            handle.abort();
+/// Wait for the statements sent earlier while sending the lock (when `key` is
+/// given) and the read after them: one round trip. Earlier failures come first.
+async fn locked(
+    client: &Client,
+    lock_statement: &Statement,
+    earlier: impl Future<Output = Result<()>>,
+    key: Option<i64>,
+    read: impl Future<Output = std::result::Result<Vec<Row>, tokio_postgres::Error>>,
+) -> Result<Option<Vec<Row>>> {
+    let read = async { read.await.map_err(|e| Error::from_pg("reading a batch", e)) };
+    let Some(key) = key else {
+        let (earlier, rows) = tokio::join!(earlier, read);
+        earlier?;
+        return rows.map(Some);
+    };
+    let lock = async {
+        client
+            .query_one(lock_statement, &[&key])
+            .await
+            .map_err(|e| Error::from_pg("taking a partition lock", e))
+    };
+    // Polled together, lock before read: the driver sends both before waiting.
+    let (earlier, locked, rows) = tokio::join!(earlier, lock, read);
+    earlier?;
+    let locked: bool = get(&locked?, 0)?;
+    let rows = rows?;
+    // Someone else holds the partition: the rows are stale.
+    Ok(locked.then_some(rows))
+}
+
+/// Read the results of statements sent earlier, in order; fail with the first error.
+async fn settle(in_flight: VecDeque<InFlight>) -> Result<()> {
+    let mut first: Option<Error> = None;
+    for statement in in_flight {
+        if let Err(e) = statement.await {
+            first.get_or_insert(e);
         }
     }
+    first.map_or(Ok(()), Err)
 }
 
 async fn prepare(client: &Client, t: &SubscriptionTables) -> Result<Statements> {
@@ -497,15 +506,6 @@ async fn prepare(client: &Client, t: &SubscriptionTables) -> Result<Statements> 
 
 fn lost() -> Error {
     Error::Lost("lost the subscription's database connection".into())
-}
-
-fn joined(outcome: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    match outcome {
-        Ok(result) => result,
-        Err(e) => Err(Error::Lost(format!(
-            "a subscription statement did not finish: {e}"
-        ))),
-    }
 }
 
 fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {

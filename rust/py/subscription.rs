@@ -13,7 +13,7 @@ use crate::core::subscription::{
     Batch, PartitionState as State, StoredRow, SubscriptionSession as Engine, SubscriptionTables,
 };
 use crate::core::Error;
-use crate::py::runtime::{block_on, runtime, Interrupted};
+use crate::py::runtime::{block_on, Interrupted};
 
 static UUID: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -264,11 +264,8 @@ impl PySubscriptionSession {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Run a call that does not wait on the database (inside the runtime, which the
-    /// engine spawns on); a failure closes the connection.
+    /// Run a call that does not wait on the database; a failure closes the connection.
     fn call<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T, Error>) -> PyResult<T> {
-        let rt = runtime()?;
-        let _inside = rt.enter();
         self.wait(|engine| f(engine).map_err(Interrupted::Failed))
     }
 
