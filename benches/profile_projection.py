@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import statistics
 import sys
 import threading
@@ -119,7 +120,8 @@ def main() -> None:
     print(
         f"{total:,} messages ({args.messages:,} over {args.streams:,} streams"
         f"{', untimed' if args.untimed else ''}) in {elapsed:.1f}s: {total / elapsed:,.0f} msg/s,"
-        f" {len(batches)} batches; client CPU {cpu:.1f}s"
+        f" {len(batches)} batches; client CPU {cpu:.1f}s, peak RSS"
+        f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
     )
     print(
         f"WAL: {records:,} records, {fpi:,} full-page images, {float(wal_bytes) / 1e6:,.0f} MB;"

@@ -94,7 +94,6 @@ def assert_projection(
     *,
     unprojected: Collection[uuid.UUID] = (),
     first_positions: Mapping[int, int] | None = None,
-    concurrent_delete: bool = False,
 ) -> list[Any]:
     """Assert the whole outcome of projecting `store` into `agg` and return its rows.
 
@@ -102,9 +101,6 @@ def assert_projection(
       of `wildcards` (minus `unprojected`, which must match), each exactly once.
     - Each partition's positions are gapless, from `first_positions[partition]` (0 when
       not given: a fresh stream), and `_maxpos` holds each partition's last position.
-      With `concurrent_delete` (a plain DELETE ran while batches committed), a partition
-      may start below `first_positions`: the DELETE reads in its statement's snapshot, so
-      rows a batch committed during it are not deleted, and keep their positions.
     - Each row's origin columns are its message's, and within a partition each origin
       stream's versions increase with the position.
     """
@@ -139,8 +135,6 @@ def assert_projection(
     for partition, prows in by_partition.items():
         first = (first_positions or {}).get(partition, 0)
         positions = [r[4] for r in prows]
-        if concurrent_delete and positions[0] < first:
-            first = positions[0]
         assert positions == list(range(first, first + len(prows))), (
             f"partition {partition}: positions {positions} are not gapless from {first}"
         )

@@ -30,15 +30,58 @@ END;
 $$ LANGUAGE plpgsql;"""
 
 # The projector mutex (rust/core/sql.rs `try_mutex`): an advisory lock keyed by the
-# aggregated table's OID under class "dprp". A DELETE of projected rows (depeche-db's
-# `truncate` takes no lock of its own) waits here for a batch in progress, so the cursor
-# is reset after that batch committed, never under it (docs/projector.md, A5).
+# aggregated table's OID under class "dprp". The projector's table lock (ROW EXCLUSIVE)
+# does not make a DELETE wait (no table lock can without making autovacuum wait too), so
+# a plain DELETE of projected rows (depeche-db's `truncate()` takes no lock of its own)
+# can run while a batch commits. The DELETE reads in its statement's snapshot, noted by
+# a BEFORE trigger; its AFTER trigger waits for the batch (the mutex), then deletes the
+# rows committed after that snapshot too and resets the cursors. The outcome is the one
+# of a DELETE that waited for the batch: rows projected again in order, none lost or
+# doubled (docs/projector.md, A5).
 PROJECTOR_MUTEX_CLASS = 0x64707270
+
+# STABLE: it runs in the DELETE statement's own snapshot (a volatile function would take
+# a new one), which `pg_current_snapshot()` returns; kept for the AFTER trigger.
+NOTE_SNAPSHOT_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_note_snapshot() RETURNS trigger AS $$
+BEGIN
+  PERFORM set_config('depeche_rs.delete_snapshot', pg_current_snapshot()::text, true);
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql STABLE;"""
+
+# The 64-bit id of a row's `xmin` (a 32-bit id less than 2^31 transactions old, which
+# wraparound protection guarantees): the latest id with those low 32 bits up to now.
+# Frozen and bootstrap ids (below 3) are older than any snapshot.
+XID8_FUNCTION = """
+CREATE OR REPLACE FUNCTION depeche_rs_xid8(x xid) RETURNS xid8 AS $$
+  SELECT CASE WHEN x::text::int8 < 3 THEN '3'::xid8
+         ELSE (c - ((c % 4294967296) - x::text::int8 + 4294967296) % 4294967296)::text::xid8
+         END
+    FROM (SELECT pg_current_xact_id()::text::int8 AS c) AS now
+$$ LANGUAGE sql VOLATILE;"""
 
 RESET_CURSOR_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION depeche_rs_reset_cursor() RETURNS trigger AS $$
+DECLARE
+  seen text := current_setting('depeche_rs.delete_snapshot', true);
+  raced boolean;
 BEGIN
   PERFORM pg_advisory_xact_lock(({PROJECTOR_MUTEX_CLASS}::int8 << 32) | TG_RELID::int8);
+  -- Every batch that inserts rows writes its cursors: a cursor row newer than the
+  -- DELETE's snapshot says a batch committed during the DELETE (rare; the full scan of
+  -- the table happens only then).
+  IF TG_OP = 'DELETE' AND pg_trigger_depth() = 1 AND coalesce(seen, '') <> '' THEN
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.%I AS c WHERE NOT '
+                   'pg_visible_in_snapshot(depeche_rs_xid8(c.xmin), $1::pg_snapshot))',
+                   TG_TABLE_SCHEMA, TG_ARGV[0])
+      INTO raced USING seen;
+    IF raced THEN
+      EXECUTE format('DELETE FROM %I.%I AS a WHERE NOT pg_visible_in_snapshot('
+                     'depeche_rs_xid8(a.xmin), $1::pg_snapshot)', TG_TABLE_SCHEMA, TG_TABLE_NAME)
+        USING seen;
+    END IF;
+  END IF;
   EXECUTE format('DELETE FROM %I.%I', TG_TABLE_SCHEMA, TG_ARGV[0]);
   RETURN NULL;
 END;
@@ -343,7 +386,13 @@ CREATE TRIGGER depeche_rs_upkeep_omax
 -- Whoever deletes projected rows (depeche-db's truncate() is a DELETE, ours too, an
 -- operator's TRUNCATE) invalidates the cursors' promise that everything below them is
 -- projected: forget them, so the next batch rescans from the start (assumption A5).
+{NOTE_SNAPSHOT_FUNCTION}
+{XID8_FUNCTION}
 {RESET_CURSOR_FUNCTION}
+DROP TRIGGER IF EXISTS depeche_rs_note_snapshot ON {t};
+CREATE TRIGGER depeche_rs_note_snapshot BEFORE DELETE ON {t}
+  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_note_snapshot();
+ALTER TABLE {t} ENABLE ALWAYS TRIGGER depeche_rs_note_snapshot;
 DROP TRIGGER IF EXISTS depeche_rs_reset_cursor ON {t};
 CREATE TRIGGER depeche_rs_reset_cursor AFTER DELETE OR TRUNCATE ON {t}
   FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_reset_cursor('{cursor}');
