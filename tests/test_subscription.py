@@ -767,3 +767,50 @@ def test_terminated_subscription_connection_loses_nothing(
     ]
     assert _state(engine, name) == {-1: -1, **{p: len(a) - 1 for p, a in layout.items()}}
     subscription.close()
+
+
+def test_partition_locked_with_depeche_dbs_key_elsewhere_is_skipped_until_released(
+    stream: Stream, engine: sa.Engine, dsn: str, suffix: str
+) -> None:
+    name = f"sub_{suffix}"
+    layout = _layout(engine, stream)
+    held = min(layout)
+    # What a depeche-db consumer of the same subscription holds while it reads `held`.
+    digest = hashlib.sha1(f"{name}.subscription-{name}-{held}".encode()).digest()
+    key = struct.unpack("<q", digest[:8])[0]
+    recorder = Recorder()
+    subscription = stream.subscription(name, handlers=recorder.register, batch_size=4)
+    with psycopg.connect(dsn, autocommit=True) as other:
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (True,)
+        _run(subscription)
+        assert held not in recorder.by_partition()
+        assert recorder.by_partition() == {p: a for p, a in layout.items() if p != held}
+        assert held not in _state(engine, name)
+        # Released now (a closed session's locks go only when its backend has exited).
+        assert other.execute("SELECT pg_advisory_unlock(%s)", (key,)).fetchone() == (True,)
+    _run(subscription)
+    assert recorder.by_partition() == layout
+    assert _state(engine, name) == {-1: -1, **{p: len(a) - 1 for p, a in layout.items()}}
+    subscription.close()
+
+
+@pytest.mark.parametrize("strategy", [AckStrategy.SINGLE, AckStrategy.BATCHED])
+def test_own_lock_provider_with_the_default_state_table(
+    stream: Stream, engine: sa.Engine, suffix: str, strategy: AckStrategy
+) -> None:
+    # A user-supplied lock provider sends the reads through the provider reader; the
+    # default state provider is then used through its own interface, same table.
+    name = f"sub_{suffix}"
+    locks = ThreadLocks()
+    recorder = Recorder()
+    subscription = stream.subscription(
+        name, handlers=recorder.register, lock_provider=locks, ack_strategy=strategy, batch_size=3
+    )
+    _run(subscription)
+    layout = _layout(engine, stream)
+    assert recorder.by_partition() == layout
+    assert _state(engine, name) == {-1: -1, **{p: len(a) - 1 for p, a in layout.items()}}
+    assert locks.held == set()
+    _run(subscription)
+    assert len(recorder.seen) == sum(len(a) for a in layout.values())
+    subscription.close()

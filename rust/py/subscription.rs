@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use chrono::NaiveDateTime;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyList;
 
 use crate::core::subscription::{
     Batch, PartitionState as State, StoredRow, SubscriptionSession as Engine, SubscriptionTables,
@@ -40,9 +40,10 @@ impl PyStoredRow {
         let class = UUID.get_or_try_init(py, || {
             Ok::<_, PyErr>(py.import("uuid")?.getattr("UUID")?.unbind())
         })?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("int", self.row.message_id.as_u128())?;
-        class.bind(py).call((), Some(&kwargs))
+        // UUID(hex, bytes, bytes_le, fields, int): positional, no keyword dict per row.
+        let none = py.None();
+        let int = self.row.message_id.as_u128();
+        class.bind(py).call1((&none, &none, &none, &none, int))
     }
 
     /// The origin stream.
