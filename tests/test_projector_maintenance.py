@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -332,7 +333,7 @@ def _waiting_on_advisory_lock(engine: sa.Engine, pid: int) -> bool:
 
 
 def test_vacuum_and_analyze_neither_stop_nor_wait_for_projection(
-    store: Store, stream_name: str, engine: sa.Engine
+    store: Store, stream_name: str, engine: sa.Engine, dsn: str
 ) -> None:
     write(store, "acc-1", "acc-2")
     agg = _aggregate(store, stream_name, ["acc-%"])
@@ -353,9 +354,10 @@ def test_vacuum_and_analyze_neither_stop_nor_wait_for_projection(
     worker.start()
     try:
         assert held.inside.wait(30)
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as maintenance:
-            maintenance.exec_driver_sql("SET lock_timeout = '20s'")
-            maintenance.exec_driver_sql(f"VACUUM (ANALYZE) depeche_stream_{stream_name}")
+        # Its own session (VACUUM runs outside a transaction), not one from the pool.
+        with psycopg.connect(dsn, autocommit=True) as maintenance:
+            maintenance.execute("SET lock_timeout = '20s'")
+            maintenance.execute(f"VACUUM (ANALYZE) depeche_stream_{stream_name}")
     finally:
         held.release.set()
         worker.join(30)
