@@ -9,6 +9,7 @@ pub mod partitioner;
 pub mod projector;
 pub mod sql;
 pub mod subscription;
+pub mod subscription_sql;
 
 pub use config::{ProjectorConfig, TableNames};
 pub use error::{Error, Result};
