@@ -37,7 +37,7 @@ demo: $(STAMP) ## write 50k messages, project them and subscribe, on the embedde
 	$(BIN)/python -m depeche_rs demo
 
 test: $(STAMP) ## run the Rust unit tests and the whole pytest suite against real PostgreSQL
-	cargo test -q
+	cargo test -q --workspace
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP) ## ruff, mypy --strict, stubtest, workflow schema, cargo fmt --check, clippy -D warnings
@@ -46,13 +46,14 @@ lint: $(STAMP) ## ruff, mypy --strict, stubtest, workflow schema, cargo fmt --ch
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest depeche_rs._native
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
-	cargo fmt --check
-	cargo clippy --all-targets -q -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -q -- -D warnings
+	@! cargo tree -q -p depeche-rs-core -e normal | grep -q pyo3 || (echo "rust/core must not depend on pyo3" && false)
 
 format: $(STAMP) ## format Python and Rust sources
 	$(BIN)/ruff format python tests benches
 	$(BIN)/ruff check --fix python tests benches
-	cargo fmt
+	cargo fmt --all
 
 bench: $(STAMP) ## side-by-side benchmark vs depeche-db (ARGS=--quick for the 2-minute run)
 	$(BIN)/pip install -q -r benches/requirements.txt

@@ -1,9 +1,6 @@
-//! depeche-rs: a PostgreSQL message store engine for Python.
-//!
-//! `core` is the pure-Rust engine (no pyo3); `py` holds the bindings exposed as
-//! `depeche_rs._native`.
+//! depeche-rs: the Python bindings (`depeche_rs._native`) of the engine crate
+//! `depeche-rs-core` (`rust/core`, no pyo3). `py` holds the classes and the error mapping.
 
-pub mod core;
 pub mod py;
 
 use pyo3::prelude::*;

@@ -21,7 +21,10 @@ CARGO_TOML = Path(__file__).resolve().parent.parent / "Cargo.toml"
 
 
 def test_version_is_cargos_everywhere() -> None:
-    cargo = tomllib.loads(CARGO_TOML.read_text())["package"]["version"]
+    manifest = tomllib.loads(CARGO_TOML.read_text())
+    # The workspace holds the version; both crates inherit it.
+    assert manifest["package"]["version"] == {"workspace": True}
+    cargo = manifest["workspace"]["package"]["version"]
     assert _native.__version__ == cargo
     assert depeche_rs.__version__ == cargo
     assert importlib.metadata.version("depeche-rs") == cargo

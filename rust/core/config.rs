@@ -1,7 +1,7 @@
 //! What a projector projects: the store, the aggregated stream, wildcards, batch size.
 
-use crate::core::error::{Error, Result};
-use crate::core::partitioner::BuiltinPartitioner;
+use crate::error::{Error, Result};
+use crate::partitioner::BuiltinPartitioner;
 
 /// PostgreSQL keeps the first 63 bytes of an identifier. The name limits themselves are
 /// defined once, in Python (`depeche_rs._names`); the engine only checks that the tables

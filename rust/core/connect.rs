@@ -2,7 +2,7 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::core::error::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Connect to `dsn` (a libpq URL or key/value string) and drive the connection in a
 /// background task of the current runtime.

@@ -13,15 +13,15 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
-use crate::core::config::ProjectorConfig;
-use crate::core::connect::connect;
-pub use crate::core::cursor::OriginRow;
-use crate::core::cursor::{
+use crate::config::ProjectorConfig;
+use crate::connect::connect;
+pub use crate::cursor::OriginRow;
+use crate::cursor::{
     group_cursors, merge, snapshot_stale, snapshot_xip, snapshot_xmax, Cursor, CursorGroup,
     CursorHome, GroupRows, StoredCursor,
 };
-use crate::core::error::{Error, Result};
-use crate::core::sql;
+use crate::error::{Error, Result};
+use crate::sql;
 
 /// A batch read inside an open transaction, waiting for its partitions.
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 //! The SQL the projector runs. Table names come from validated identifiers only.
 
-use crate::core::config::TableNames;
+use crate::config::TableNames;
 
 /// The projector mutex's advisory lock class: "dprp" (the key's high 32 bits).
 pub const MUTEX_CLASS: i64 = 0x6470_7270;

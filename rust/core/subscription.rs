@@ -22,10 +22,10 @@ use chrono::NaiveDateTime;
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
-use crate::core::config::{validate_identifier, TableNames, MAX_IDENTIFIER_BYTES};
-use crate::core::connect::connect;
-use crate::core::error::{Error, Result};
-use crate::core::subscription_sql::{
+use crate::config::{validate_identifier, TableNames, MAX_IDENTIFIER_BYTES};
+use crate::connect::connect;
+use crate::error::{Error, Result};
+use crate::subscription_sql::{
     ack_sql, partitions_sql, partitions_with_state_sql, position_sql, read_after_sql,
     read_with_state_sql, LOCK, UNLOCK,
 };

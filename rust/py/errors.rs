@@ -7,7 +7,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyModule;
 use tokio_postgres::error::SqlState;
 
-use crate::core::Error;
+use depeche_rs_core::Error;
 
 static EXCEPTIONS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
@@ -37,8 +37,10 @@ fn with_db_fields(py: Python<'_>, err: PyErr, source: &Error) -> PyErr {
     err
 }
 
-impl From<Error> for PyErr {
-    fn from(err: Error) -> PyErr {
+/// The Python exception for an engine error (a function, not `From`: both types live in
+/// other crates).
+pub fn py_err(err: Error) -> PyErr {
+    {
         Python::attach(|py| {
             let message = err.to_string();
             let built = match &err {

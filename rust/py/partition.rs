@@ -2,7 +2,7 @@
 
 use pyo3::prelude::*;
 
-use crate::core::BuiltinPartitioner;
+use depeche_rs_core::BuiltinPartitioner;
 
 /// depeche-db's StreamNamePartitioner: first two bytes of sha256(stream), little endian.
 #[pyfunction]

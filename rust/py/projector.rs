@@ -6,11 +6,12 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use crate::core::{
+use crate::py::errors::py_err;
+use crate::py::runtime::{block_on, Interrupted};
+use depeche_rs_core::{
     Assignment, BuiltinPartitioner, BuiltinStep, Error, OriginRow, PendingBatch,
     Projector as Engine, ProjectorConfig,
 };
-use crate::py::runtime::{block_on, Interrupted};
 
 /// A projector for one aggregated stream, holding one connection.
 ///
@@ -50,7 +51,8 @@ impl Projector {
                 )))
             }
         };
-        let config = ProjectorConfig::new(store, stream, wildcards, batch_size, partitioner)?;
+        let config = ProjectorConfig::new(store, stream, wildcards, batch_size, partitioner)
+            .map_err(py_err)?;
         Ok(Self {
             dsn,
             config,

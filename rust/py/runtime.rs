@@ -7,7 +7,8 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 
-use crate::core::Error;
+use crate::py::errors::py_err;
+use depeche_rs_core::Error;
 
 static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
 
@@ -56,7 +57,7 @@ pub enum Interrupted {
 impl From<Interrupted> for PyErr {
     fn from(value: Interrupted) -> PyErr {
         match value {
-            Interrupted::Failed(e) => PyErr::from(e),
+            Interrupted::Failed(e) => py_err(e),
             Interrupted::Signal(e) => e,
         }
     }

@@ -9,11 +9,12 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 
-use crate::core::subscription::{
+use crate::py::errors::py_err;
+use crate::py::runtime::{block_on, Interrupted};
+use depeche_rs_core::subscription::{
     Batch, PartitionState as State, StoredRow, SubscriptionSession as Engine, SubscriptionTables,
 };
-use crate::core::Error;
-use crate::py::runtime::{block_on, Interrupted};
+use depeche_rs_core::Error;
 
 static UUID: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -162,7 +163,7 @@ impl PySubscriptionSession {
         state_table: Option<&str>,
         synchronous_commit: bool,
     ) -> PyResult<Self> {
-        let tables = SubscriptionTables::new(store, stream, state_table)?;
+        let tables = SubscriptionTables::new(store, stream, state_table).map_err(py_err)?;
         let engine = block_on(py, async {
             Engine::connect(dsn, &tables, name, synchronous_commit).await
         })?;
