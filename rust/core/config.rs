@@ -125,6 +125,43 @@ pub fn validate_identifier(name: &str, what: &str) -> Result<()> {
     }
 }
 
+/// The tables one subscription reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionTables {
+    /// `depeche_msgs_<store>`
+    pub messages: String,
+    /// `depeche_stream_<agg>`
+    pub stream: String,
+    /// `depeche_stream_<agg>_maxpos`
+    pub maxpos: String,
+    /// `depeche_subscriptions_<name>`, when the state is kept in the database by the
+    /// engine (`None` when a state provider of the caller's keeps it).
+    pub state: Option<String>,
+}
+
+impl SubscriptionTables {
+    /// Derive the names; `state` is the state table's full name.
+    pub fn new(store: &str, stream: &str, state: Option<&str>) -> Result<Self> {
+        let names = TableNames::new(store, stream)?;
+        if let Some(table) = state {
+            validate_identifier(table, "subscription state table")?;
+            if table.len() > MAX_IDENTIFIER_BYTES {
+                return Err(Error::Config(format!(
+                    "{table:?} is {} bytes long; PostgreSQL identifiers hold at most \
+                     {MAX_IDENTIFIER_BYTES}: use a shorter subscription name",
+                    table.len()
+                )));
+            }
+        }
+        Ok(Self {
+            messages: names.messages,
+            stream: names.stream,
+            maxpos: names.maxpos,
+            state: state.map(str::to_owned),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

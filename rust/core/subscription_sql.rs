@@ -2,7 +2,7 @@
 //! only; every parameter is cast, so tables depeche-db created (integer columns) and
 //! ours (bigint) read alike.
 
-use crate::subscription::SubscriptionTables;
+use crate::config::SubscriptionTables;
 
 pub const LOCK: &str = "SELECT pg_try_advisory_lock($1::int8)";
 pub const UNLOCK: &str = "SELECT pg_advisory_unlock($1::int8)";
