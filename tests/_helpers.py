@@ -1,8 +1,10 @@
-"""Helpers shared by the projector tests: reading the aggregated table back."""
+"""Helpers shared by the tests: reading the aggregated table back, waiting for a session
+to block on an advisory lock."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,3 +60,22 @@ def check_invariants(engine: sa.Engine, store: str, agg: str, wildcard: str = "%
             assert r[2] > last_version.get(r[1], 0), f"version order broken in {r[1]}"
             last_version[r[1]] = r[2]
     return rows
+
+
+def wait_until_blocked_on_advisory_lock(
+    engine: sa.Engine, pid: int, what: str, timeout: float = 30
+) -> None:
+    """Return once session `pid` waits for an advisory lock; fail after `timeout`
+    seconds, saying `what` never waited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %(pid)s "
+                "AND locktype = 'advisory' AND NOT granted)",
+                {"pid": pid},
+            ).scalar()
+        if waiting:
+            return
+        assert time.monotonic() < deadline, f"{what} never waited on the lock"
+        time.sleep(0.01)

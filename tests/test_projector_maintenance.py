@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -18,7 +17,7 @@ import depeche_rs
 from depeche_rs import AggregatedStream, MessageStore, _schema
 from depeche_rs.tools import StreamHashPartitioner, StreamNamePartitioner
 
-from ._helpers import projected_rows
+from ._helpers import projected_rows, wait_until_blocked_on_advisory_lock
 from ._models import AnyEvent
 from ._operations import (
     Store,
@@ -321,17 +320,6 @@ def _mutex_key(conn: sa.Connection, name: str) -> int:
     return (_schema.PROJECTOR_MUTEX_CLASS << 32) | oid
 
 
-def _waiting_on_advisory_lock(engine: sa.Engine, pid: int) -> bool:
-    with engine.connect() as conn:
-        return bool(
-            conn.exec_driver_sql(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %(pid)s "
-                "AND locktype = 'advisory' AND NOT granted)",
-                {"pid": pid},
-            ).scalar()
-        )
-
-
 def test_vacuum_and_analyze_neither_stop_nor_wait_for_projection(
     store: Store, stream_name: str, engine: sa.Engine, dsn: str
 ) -> None:
@@ -412,10 +400,7 @@ def test_a_delete_during_a_batch_ends_as_if_it_waited_for_the_batch(
 
             thread = threading.Thread(target=delete)
             thread.start()
-            deadline = time.monotonic() + 30
-            while not _waiting_on_advisory_lock(engine, pid):
-                assert time.monotonic() < deadline, "the DELETE never waited for the batch"
-                time.sleep(0.01)
+            wait_until_blocked_on_advisory_lock(engine, pid, "the DELETE")
             assert not deleted.is_set()
             held.release.set()
             thread.join(30)

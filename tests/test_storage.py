@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -19,7 +18,7 @@ import depeche_rs
 from depeche_rs import MessagePosition, MessageStore, OptimisticConcurrencyError, Storage
 from depeche_rs.tools import PydanticMessageSerializer, StreamNamePartitioner
 
-from ._helpers import check_invariants
+from ._helpers import check_invariants, wait_until_blocked_on_advisory_lock
 from ._models import AccountCreated, AnyEvent, Deposited
 
 Store = MessageStore[AnyEvent]
@@ -158,17 +157,6 @@ def test_optimistic_concurrency_error_as_the_store_raises_it(
     ) == ("s", 1, 2)
 
 
-def _waiting_on_advisory_lock(engine: sa.Engine, pid: int) -> bool:
-    with engine.connect() as conn:
-        return bool(
-            conn.exec_driver_sql(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted "
-                "AND locktype = 'advisory')",
-                (pid,),
-            ).scalar()
-        )
-
-
 @pytest.mark.parametrize("first_commits", [True, False])
 def test_two_connections_racing_add_on_one_stream(
     store: Store, engine: sa.Engine, first_commits: bool
@@ -193,10 +181,7 @@ def test_two_connections_racing_add_on_one_stream(
 
         thread = threading.Thread(target=second_writer)
         thread.start()
-        deadline = time.monotonic() + 10
-        while not _waiting_on_advisory_lock(engine, second_pid):
-            assert time.monotonic() < deadline, "the second writer never waited on the lock"
-            time.sleep(0.01)
+        wait_until_blocked_on_advisory_lock(engine, second_pid, "the second writer", 10)
         assert outcome == []
         if first_commits:
             first.commit()
