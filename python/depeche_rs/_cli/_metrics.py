@@ -9,6 +9,7 @@ exactly the families below (no process or platform collectors).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 try:
     import prometheus_client
@@ -25,8 +26,24 @@ class MetricsUnavailableError(RuntimeError):
     """`--metrics-port` was asked for without the `metrics` extra installed."""
 
 
-class Counter:
-    """A value that only goes up (a no-op without prometheus_client)."""
+class _Family:
+    """One labelled metric family; every method is a no-op without prometheus_client
+    (`registry` None)."""
+
+    def __init__(self, family: Any | None) -> None:
+        self._family = family
+
+    def _series(self, labels: Labels) -> Any | None:
+        return None if self._family is None else self._family.labels(*labels)
+
+    def touch(self, labels: Labels) -> None:
+        """Show the series (at 0, with no observations) before its first change: rate()
+        needs the start."""
+        self._series(labels)
+
+
+class Counter(_Family):
+    """A value that only goes up."""
 
     def __init__(
         self,
@@ -35,7 +52,7 @@ class Counter:
         help_text: str,
         label_names: Sequence[str],
     ) -> None:
-        self._family = (
+        super().__init__(
             None
             if registry is None
             else prometheus_client.Counter(name, help_text, label_names, registry=registry)
@@ -43,17 +60,13 @@ class Counter:
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
         """Add `amount` (>= 0)."""
-        if self._family is not None:
-            self._family.labels(*labels).inc(amount)
-
-    def touch(self, labels: Labels) -> None:
-        """Show the series at 0 before its first increment (rate() needs the start)."""
-        if self._family is not None:
-            self._family.labels(*labels)
+        series = self._series(labels)
+        if series is not None:
+            series.inc(amount)
 
 
-class Gauge:
-    """A value that goes up and down (a no-op without prometheus_client)."""
+class Gauge(_Family):
+    """A value that goes up and down."""
 
     def __init__(
         self,
@@ -62,7 +75,7 @@ class Gauge:
         help_text: str,
         label_names: Sequence[str],
     ) -> None:
-        self._family = (
+        super().__init__(
             None
             if registry is None
             else prometheus_client.Gauge(name, help_text, label_names, registry=registry)
@@ -70,13 +83,13 @@ class Gauge:
 
     def set(self, labels: Labels, value: float) -> None:
         """Set the value."""
-        if self._family is not None:
-            self._family.labels(*labels).set(value)
+        series = self._series(labels)
+        if series is not None:
+            series.set(value)
 
 
-class Histogram:
-    """Observations in cumulative buckets, with their sum and count (a no-op without
-    prometheus_client)."""
+class Histogram(_Family):
+    """Observations in cumulative buckets, with their sum and count."""
 
     def __init__(
         self,
@@ -86,7 +99,7 @@ class Histogram:
         label_names: Sequence[str],
         buckets: Sequence[float] = BATCH_BUCKETS,
     ) -> None:
-        self._family = (
+        super().__init__(
             None
             if registry is None
             else prometheus_client.Histogram(
@@ -94,15 +107,11 @@ class Histogram:
             )
         )
 
-    def touch(self, labels: Labels) -> None:
-        """Show the series with zero observations."""
-        if self._family is not None:
-            self._family.labels(*labels)
-
     def observe(self, labels: Labels, value: float) -> None:
         """Record one observation."""
-        if self._family is not None:
-            self._family.labels(*labels).observe(value)
+        series = self._series(labels)
+        if series is not None:
+            series.observe(value)
 
 
 class ProjectorMetrics:
