@@ -3,10 +3,6 @@
 A drop-in for depeche-db 0.13: `import depeche_rs as depeche_db` keeps working.
 """
 
-from ._ack import AckOp, AckRolledback, AckStrategy, NoAckOp
-from ._aggregated_stream import AggregatedStream
-from ._aggregated_stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
-from ._error_handlers import ExitSubscriptionErrorHandler, LogAndIgnoreSubscriptionErrorHandler
 from ._exceptions import (
     DatabaseConnectionError,
     DatabaseError,
@@ -26,7 +22,6 @@ from ._exceptions import (
     UnsafeSequenceError,
 )
 from ._executor import Executor
-from ._factories import AggregatedStreamFactory, SubscriptionFactory
 from ._interfaces import (
     AggregatedStreamMessage,
     CallMiddleware,
@@ -39,6 +34,8 @@ from ._interfaces import (
     MessagePosition,
     MessageProtocol,
     MessageSerializer,
+    MessageStoreProtocol,
+    MessageStoreReaderProtocol,
     RunOnNotification,
     RunOnNotificationResult,
     StoredMessage,
@@ -51,25 +48,31 @@ from ._interfaces import (
     SubscriptionStateProvider,
     TimeBudget,
 )
-from ._message_handler import (
+from ._native import __version__ as __version__
+from ._projection.aggregated_stream import AggregatedStream, AggregatedStreamFactory
+from ._projection.stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
+from ._projector import FullUpdateResult, StreamProjector
+from ._store.message_store import MessageStore, MessageStoreReader
+from ._store.storage import Storage
+from ._subscriptions.ack import AckOp, AckRolledback, AckStrategy, NoAckOp
+from ._subscriptions.error_handlers import (
+    ExitSubscriptionErrorHandler,
+    LogAndIgnoreSubscriptionErrorHandler,
+)
+from ._subscriptions.message_handler import (
     DuplicateHandlerError,
     InvalidHandlerError,
     MessageHandler,
     MessageHandlerRegister,
     SubscriptionMessageHandler,
 )
-from ._message_store import (
-    MessageStore,
-    MessageStoreProtocol,
-    MessageStoreReader,
-    MessageStoreReaderProtocol,
+from ._subscriptions.start_points import StartAtNextMessage, StartAtPointInTime
+from ._subscriptions.subscription import (
+    BatchedAckSubscriptionRunner,
+    Subscription,
+    SubscriptionFactory,
+    SubscriptionRunner,
 )
-from ._native import __version__ as __version__
-from ._projector import FullUpdateResult, StreamProjector
-from ._start_points import StartAtNextMessage, StartAtPointInTime
-from ._storage import Storage
-from ._subscription import Subscription
-from ._subscription_runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 
 __all__ = [
     "AckOp",

@@ -6,17 +6,20 @@ keeps working.
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import dataclasses as _dc
 import datetime as _dt
 import enum as _enum
 import functools as _ft
 import time as _time
 import uuid as _uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
-    from ._aggregated_stream import AggregatedStream
+    import sqlalchemy as _sa
+
+    from ._db.connection import ConnectionOwners
 
 
 @runtime_checkable
@@ -303,7 +306,7 @@ class SubscriptionStartPoint:
     def init_state(
         self,
         subscription_name: str,
-        stream: AggregatedStream[Any],
+        stream: AggregatedStreamView[Any],
         state_provider: SubscriptionStateProvider,
     ) -> None:
         """Initialize the subscription state if it is not initialized yet."""
@@ -355,3 +358,107 @@ class MessageHandlerRegisterProtocol(Protocol, Generic[E]):
     def get_handler(self, message_type: type[E]) -> HandlerDescriptor[E] | None:
         """Return the handler for a message type, or None."""
         raise NotImplementedError
+
+
+class MessageStoreReaderProtocol(Protocol[E]):
+    """What `MessageStore.reader()` yields."""
+
+    def get_message_by_id(self, message_id: _uuid.UUID) -> StoredMessage[E]:
+        """Return the message with id `message_id` or raise `MessageNotFound`."""
+        ...
+
+    def get_messages_by_ids(self, message_ids: Sequence[_uuid.UUID]) -> Iterator[StoredMessage[E]]:
+        """Return the messages with the given ids (missing ids are skipped)."""
+        ...
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """Return the messages of `stream` in version order."""
+        ...
+
+    def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
+        """Return the messages of all streams matching a LIKE pattern, in global order."""
+        ...
+
+
+class MessageStoreProtocol(Protocol[E]):
+    """The public surface of `MessageStore`."""
+
+    def truncate(self) -> None:
+        """Delete all messages."""
+        ...
+
+    def write(
+        self,
+        stream: str,
+        message: E,
+        expected_version: int | None = None,
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Write one message."""
+        ...
+
+    def synchronize(
+        self,
+        stream: str,
+        expected_version: int,
+        messages: Sequence[E],
+        conn: _sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Append the messages that are not yet in the stream."""
+        ...
+
+    def reader(
+        self, conn: _sa.Connection | None = None
+    ) -> _contextlib.AbstractContextManager[MessageStoreReaderProtocol[E]]:
+        """A reader bound to a connection."""
+        ...
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """Read a stream."""
+        ...
+
+
+class MessageStoreView(MessageStoreProtocol[E], Protocol[E]):
+    """A `MessageStore` as its aggregated streams, projectors and subscriptions see it.
+
+    The store creates them (`store.aggregated_stream`), so they name it by this protocol
+    instead of importing its class: the imports run one way, from the store down.
+    """
+
+    name: str
+    engine: _sa.Engine
+    _serializer: MessageSerializer[E]
+    _connection_owners: ConnectionOwners
+
+    @property
+    def dsn(self) -> str:
+        """The libpq DSN of the engine, for the Rust engine and LISTEN."""
+        ...
+
+    @property
+    def notification_channel(self) -> str:
+        """The channel notified when messages are written."""
+        ...
+
+
+class AggregatedStreamView(Protocol[E]):
+    """An `AggregatedStream` as its projector, readers, subscriptions and start points
+    see it: the stream creates them, so they name it by this protocol (as `MessageStoreView`)."""
+
+    name: str
+    notification_channel: str
+
+    @property
+    def store(self) -> MessageStoreView[E]:
+        """The message store the stream aggregates."""
+        ...
+
+    def get_max_aggregated_stream_positions(
+        self, conn: _sa.Connection | None = None
+    ) -> dict[int, int]:
+        """Return partition -> highest position."""
+        ...
+
+    def time_to_positions(self, time: _dt.datetime) -> dict[int, int]:
+        """Return, per partition, the first position at or after `time`."""
+        ...

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._connection import libpq_form, redact, sqlalchemy_url
+from .._db.connection import libpq_form, redact, sqlalchemy_url
 from .._exceptions import InvalidNameError, InvalidWildcardError
 from .._names import validate_name, validate_wildcards
 from .._projector import DEFAULT_BATCH_SIZE, builtin_partitioner

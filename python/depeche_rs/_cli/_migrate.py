@@ -15,12 +15,13 @@ from typing import TextIO
 
 import psycopg
 
-from .. import _migrations, _names, _schema
+from .. import _names
+from .._db import migrations, schema
 from .._exceptions import InvalidNameError
 from ._config import ConfigError, resolve_dsn, shown_dsn
 
 # The lock `_schema` takes while creating the same objects.
-_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{_schema.DDL_LOCK_KEY}'));"
+_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{schema.DDL_LOCK_KEY}'));"
 
 
 def migration_script(
@@ -39,23 +40,23 @@ def migration_script(
             _names.validate_name(name, "subscription state name")
     except InvalidNameError as exc:
         raise ConfigError(str(exc)) from exc
-    parts = [_LOCK, f"-- store {store}", _migrations.store_migration_ddl(store).strip()]
+    parts = [_LOCK, f"-- store {store}", migrations.store_migration_ddl(store).strip()]
     for stream in streams:
         parts += [
             f"-- aggregated stream {stream}",
-            _migrations.stream_migration_ddl(stream, store).strip(),
+            migrations.stream_migration_ddl(stream, store).strip(),
         ]
         if reset_cursors:
             parts.append(f"DELETE FROM {_names.cursor_table(stream)};")
     for name in subscriptions:
         parts += [
             f"-- subscription state {name}",
-            _migrations.subscription_migration_ddl(name).strip(),
+            migrations.subscription_migration_ddl(name).strip(),
         ]
     if depeche_db_0_14:
         parts += [
             "-- depeche-db 0.14's tables",
-            _migrations.depeche_db_0_14_ddl(store, streams).strip(),
+            migrations.depeche_db_0_14_ddl(store, streams).strip(),
         ]
     return "\n\n".join(parts) + "\n"
 
@@ -70,7 +71,7 @@ def _version(text: str) -> tuple[int, int]:
 
 def run_generate_migration_script(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`generate-migration-script PREV TARGET`, as depeche-db's command prints it."""
-    from .._aggregated_stream import AggregatedStream
+    from .._projection.aggregated_stream import AggregatedStream
 
     out = out if out is not None else sys.stdout
     prev, target = _version(args.prev_version), _version(args.target_version)

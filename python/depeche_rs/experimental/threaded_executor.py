@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable
 from types import FrameType
 
-from .._connection import libpq_form
+from .._db.connection import libpq_form
 from .._executor import _Worker
 from .._interfaces import RunOnNotification
 from ..tools._pg_notification_listener import PgNotificationListener

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .._connection import libpq_form, redact
+from .._db.connection import libpq_form, redact
 from .._exceptions import DatabaseConnectionError
 from ._pg_notification_listener import (
     PgNotification,

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from .._connection import libpq_dsn, owners_of, to_engine
+from .._db.connection import libpq_dsn, owners_of, to_engine
 from .._exceptions import DatabaseConnectionError
 from .._names import validate_name
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .._connection import connect, libpq_dsn, to_engine
+from .._db.connection import connect, libpq_dsn, to_engine
 from .._interfaces import SubscriptionState
 from .._names import subscription_table, validate_name
 

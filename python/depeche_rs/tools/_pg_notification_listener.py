@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from .._connection import libpq_form, redact
+from .._db.connection import libpq_form, redact
 from .._exceptions import DatabaseConnectionError, InvalidNameError
 
 logger = logging.getLogger("depeche_rs.listener")

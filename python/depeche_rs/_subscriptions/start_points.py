@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._exceptions import NaiveDatetimeError
-from ._interfaces import SubscriptionStartPoint, SubscriptionStateProvider
-
-if TYPE_CHECKING:
-    from ._aggregated_stream import AggregatedStream
+from .._exceptions import NaiveDatetimeError
+from .._interfaces import AggregatedStreamView, SubscriptionStartPoint, SubscriptionStateProvider
 
 
 class StartAtNextMessage(SubscriptionStartPoint):
@@ -19,7 +16,7 @@ class StartAtNextMessage(SubscriptionStartPoint):
     def init_state(
         self,
         subscription_name: str,
-        stream: AggregatedStream[Any],
+        stream: AggregatedStreamView[Any],
         state_provider: SubscriptionStateProvider,
     ) -> None:
         """Store each partition's max position as the subscription's position."""
@@ -57,7 +54,7 @@ class StartAtPointInTime(SubscriptionStartPoint):
     def init_state(
         self,
         subscription_name: str,
-        stream: AggregatedStream[Any],
+        stream: AggregatedStreamView[Any],
         state_provider: SubscriptionStateProvider,
     ) -> None:
         """Store, per partition, the position just before the first message at or after

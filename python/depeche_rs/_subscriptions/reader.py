@@ -20,15 +20,12 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from . import _native
-from ._exceptions import SerializationError
-from ._interfaces import MessageProtocol, StoredMessage
-from ._partition_queue import PartitionQueue
-
-if TYPE_CHECKING:
-    from ._aggregated_stream import AggregatedStream
+from .. import _native
+from .._exceptions import SerializationError
+from .._interfaces import AggregatedStreamView, MessageProtocol, StoredMessage
+from .partition_queue import PartitionQueue
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -145,7 +142,7 @@ class SessionPool:
 class SubscriptionReader(abc.ABC, Generic[E]):
     """Reads batches for one subscription; safe to use from several threads."""
 
-    def __init__(self, subscription_name: str, stream: AggregatedStream[E]) -> None:
+    def __init__(self, subscription_name: str, stream: AggregatedStreamView[E]) -> None:
         self._name = subscription_name
         self._serializer = stream.store._serializer
         self._pool = SessionPool(self._open_session)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
-from ._interfaces import SubscriptionStateProvider
+from .._interfaces import SubscriptionStateProvider
 
 if TYPE_CHECKING:
-    from ._subscription_reader import Claim, SubscriptionReader
+    from .reader import Claim, SubscriptionReader
 
 
 class AckStrategy(enum.Enum):

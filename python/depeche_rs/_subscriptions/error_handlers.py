@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ._interfaces import ErrorAction, SubscriptionErrorHandler, SubscriptionMessage
+from .._interfaces import ErrorAction, SubscriptionErrorHandler, SubscriptionMessage
 
 
 class ExitSubscriptionErrorHandler(SubscriptionErrorHandler[Any]):

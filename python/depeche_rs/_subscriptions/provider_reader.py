@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
-from ._interfaces import LockProvider, MessageProtocol, SubscriptionStateProvider
-from ._subscription_reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
+from .._interfaces import (
+    AggregatedStreamView,
+    LockProvider,
+    MessageProtocol,
+    SubscriptionStateProvider,
+)
+from .reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
 
 if TYPE_CHECKING:
-    from . import _native
-    from ._aggregated_stream import AggregatedStream
+    from .. import _native
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -23,7 +27,7 @@ class ProviderSubscriptionReader(SubscriptionReader[E]):
     def __init__(
         self,
         subscription_name: str,
-        stream: AggregatedStream[E],
+        stream: AggregatedStreamView[E],
         state_provider: SubscriptionStateProvider,
         lock_provider: LockProvider,
     ) -> None:

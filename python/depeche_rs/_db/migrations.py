@@ -12,7 +12,8 @@ streams (or repairs them), for databases that depeche-db 0.14 processes share.
 
 from __future__ import annotations
 
-from . import _names, _schema
+from .. import _names
+from . import schema
 
 
 def _rename_legacy(old: str, new: str, trigger: str | None = None) -> str:
@@ -61,7 +62,7 @@ BEGIN{_rename_legacy(old, t, f"{agg}_stream_notify_message_inserted")}
   END IF;
 END
 $migrate$;
-{_schema.stream_ddl(agg)}
+{schema.stream_ddl(agg)}
 """
 
 
@@ -76,7 +77,7 @@ BEGIN{_rename_legacy(old, t, f"{store}_notify_message_inserted")}
   DROP FUNCTION IF EXISTS {store}_write_message CASCADE;
 END
 $migrate$;
-{_schema.store_ddl(store)}
+{schema.store_ddl(store)}
 """
 
 

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._interfaces import LockProvider, MessageProtocol, SubscriptionStateProvider
-from ._subscription_reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
-from .tools._db_lock_provider import DbLockProvider
-from .tools._db_subscription_state_provider import DbSubscriptionStateProvider
+from .._interfaces import (
+    AggregatedStreamView,
+    LockProvider,
+    MessageProtocol,
+    SubscriptionStateProvider,
+)
+from ..tools._db_lock_provider import DbLockProvider
+from ..tools._db_subscription_state_provider import DbSubscriptionStateProvider
+from .reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
 
 if TYPE_CHECKING:
-    from . import _native
-    from ._aggregated_stream import AggregatedStream
+    from .. import _native
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -34,7 +38,7 @@ class DbSubscriptionReader(SubscriptionReader[E]):
 
     @staticmethod
     def serves(
-        stream: AggregatedStream[Any],
+        stream: AggregatedStreamView[Any],
         state_provider: SubscriptionStateProvider,
         lock_provider: LockProvider,
     ) -> bool:
@@ -50,7 +54,7 @@ class DbSubscriptionReader(SubscriptionReader[E]):
     def __init__(
         self,
         subscription_name: str,
-        stream: AggregatedStream[E],
+        stream: AggregatedStreamView[E],
         state_provider: DbSubscriptionStateProvider,
         lock_provider: DbLockProvider,
     ) -> None:

@@ -1,0 +1,1 @@
+"""Aggregated streams: origin streams projected into partitions, and their readers."""

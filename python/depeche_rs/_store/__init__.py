@@ -1,0 +1,1 @@
+"""The message store: where messages are written and read (`MessageStore`, `Storage`)."""

@@ -1,0 +1,1 @@
+"""Subscriptions: claiming partitions, calling handlers, acknowledging, start points."""
