@@ -60,6 +60,15 @@ class StoredMessage(Generic[E]):
     added_at: _dt.datetime
 
 
+def stored_message(row: Any, message: E) -> StoredMessage[E]:
+    """The one way a `StoredMessage` is made from a row of the message table: any object
+    with its columns as attributes (a SQLAlchemy row, the engine's `StoredRow`) and the
+    message deserialized from the row's body."""
+    return StoredMessage(
+        row.message_id, row.stream, row.version, message, row.global_position, row.added_at
+    )
+
+
 class AckOpProtocol(Protocol):
     """An acknowledgement operation handed to a handler with its message."""
 

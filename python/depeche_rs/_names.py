@@ -42,7 +42,7 @@ def validate_name(name: Any, what: str = "name") -> str:
     """
     if not isinstance(name, str):
         raise InvalidNameError(f"{what} must be a str, got {type(name).__name__}")
-    if not _IDENTIFIER.match(name) or not name.isidentifier():
+    if not is_name(name):
         raise InvalidNameError(
             f"{what} {name!r} is not a valid identifier: use ASCII letters, digits and "
             "underscores, not starting with a digit (it becomes part of table names)"
@@ -55,6 +55,11 @@ def validate_name(name: Any, what: str = "name") -> str:
             f"{MAX_IDENTIFIER_BYTES}-byte identifier limit"
         )
     return name
+
+
+def is_name(name: str) -> bool:
+    """True if `name` has the form of our names: an ASCII identifier."""
+    return bool(_IDENTIFIER.match(name)) and name.isidentifier()
 
 
 def pg_identifier(name: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import re
 import uuid as _uuid
 from collections.abc import Sequence
 from typing import Any
@@ -28,11 +27,6 @@ REGISTRY_TABLE = "depeche_rs_projectors"
 LOCK_CLASS = int.from_bytes(b"dprs", "big")
 
 Conn = psycopg.Connection[Any]
-
-_STREAM_PREFIX = "depeche_stream_"
-_STORE_PREFIX = "depeche_msgs_"
-_SUBSCRIPTION_PREFIX = "depeche_subscriptions_"
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,27 +388,27 @@ def _tables_with_columns(conn: Conn, prefix: str, *columns: str) -> list[str]:
     ).fetchall()
     names = [r[0][len(prefix) :] for r in rows]
     # Names end up in further queries (quoted), but only identifiers are ours to read.
-    return [n for n in names if _IDENTIFIER.match(n)]
+    return [n for n in names if _names.is_name(n)]
 
 
 def aggregated_streams(conn: Conn) -> list[str]:
     """Names of the aggregated streams present (tables with their columns)."""
     return _tables_with_columns(
-        conn, _STREAM_PREFIX, "message_id", "origin_stream", "partition", "position"
+        conn, _names.stream_table(""), "message_id", "origin_stream", "partition", "position"
     )
 
 
 def stores(conn: Conn) -> list[str]:
     """Names of the message stores present."""
     return _tables_with_columns(
-        conn, _STORE_PREFIX, "message_id", "stream", "version", "global_position"
+        conn, _names.message_table(""), "message_id", "stream", "version", "global_position"
     )
 
 
 def subscription_tables(conn: Conn) -> list[str]:
     """Names of the subscription state tables present (without the prefix)."""
     return _tables_with_columns(
-        conn, _SUBSCRIPTION_PREFIX, "subscription_name", "partition", "position"
+        conn, _names.subscription_table(""), "subscription_name", "partition", "position"
     )
 
 

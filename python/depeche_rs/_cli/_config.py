@@ -276,9 +276,7 @@ def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = T
     return libpq_form(str(dsn))
 
 
-def shown_dsn(dsn: str) -> str:
-    """`dsn` without its password, for logs and messages."""
-    return redact(dsn).replace("postgresql+psycopg://", "postgresql://", 1)
+shown_dsn = redact  # the name `_project` imports
 
 
 def _stream_spec(

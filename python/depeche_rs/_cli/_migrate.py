@@ -17,8 +17,9 @@ import psycopg
 
 from .. import _names
 from .._db import migrations, schema
+from .._db.connection import redact
 from .._exceptions import InvalidNameError
-from ._config import ConfigError, resolve_dsn, shown_dsn
+from ._config import ConfigError, resolve_dsn
 
 # The lock `_schema` takes while creating the same objects.
 _LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{schema.DDL_LOCK_KEY}'));"
@@ -118,7 +119,7 @@ def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
             # No parameters: the DDL holds literal % signs (LIKE patterns, format strings).
             conn.execute(script.encode())
     except psycopg.OperationalError as exc:
-        print(f"depeche-rs migrate: cannot connect to {shown_dsn(dsn)}: {exc}", file=sys.stderr)
+        print(f"depeche-rs migrate: cannot connect to {redact(dsn)}: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
         print(

@@ -30,8 +30,9 @@ from typing import Any, TextIO, TypeVar
 import psycopg
 import psycopg.errors
 
+from .._db.connection import redact
 from . import _catalog, _server_settings, _stuck
-from ._config import ConfigError, read_toml, resolve_dsn, shown_dsn, stream_specs
+from ._config import ConfigError, read_toml, resolve_dsn, stream_specs
 
 T = TypeVar("T")
 
@@ -365,7 +366,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
             settings = _server_settings.advice(conn, [s.name for s in streams])
             conn.rollback()
     except psycopg.OperationalError as exc:
-        print(f"depeche-rs status: cannot connect to {shown_dsn(dsn)}: {exc}", file=sys.stderr)
+        print(f"depeche-rs status: cannot connect to {redact(dsn)}: {exc}", file=sys.stderr)
         return 1
     except (psycopg.Error, LookupError) as exc:
         print(f"depeche-rs status: {exc}", file=sys.stderr)

@@ -103,9 +103,10 @@ def libpq_form(dsn: str) -> str:
 
 
 def redact(dsn: str) -> str:
-    """`dsn` without its password, for error messages."""
+    """`dsn` without its password, as a libpq URL, for logs and error messages."""
     try:
-        return sa.make_url(sqlalchemy_url(dsn)).render_as_string(hide_password=True)
+        url = sa.make_url(sqlalchemy_url(dsn)).set(drivername="postgresql")
+        return url.render_as_string(hide_password=True)
     except Exception:
         return "<dsn>"
 

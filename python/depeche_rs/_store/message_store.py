@@ -28,6 +28,7 @@ from .._interfaces import (
     MessageProtocol,
     MessageSerializer,
     StoredMessage,
+    stored_message,
 )
 from .._projection.aggregated_stream import AggregatedStreamFactory
 from .storage import Storage, as_uuid
@@ -51,15 +52,7 @@ class MessageStoreReader(Generic[E]):
         self._serializer = serializer
 
     def _stored(self, row: Any) -> StoredMessage[E]:
-        message_id, stream, version, message, global_position, added_at = row
-        return StoredMessage(
-            message_id=message_id,
-            stream=stream,
-            version=version,
-            message=self._serializer.deserialize(message),
-            global_position=global_position,
-            added_at=added_at,
-        )
+        return stored_message(row, self._serializer.deserialize(row.message))
 
     def get_message_by_id(self, message_id: _uuid.UUID) -> StoredMessage[E]:
         """Return the message with id `message_id`.

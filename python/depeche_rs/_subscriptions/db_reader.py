@@ -61,8 +61,6 @@ class DbSubscriptionReader(SubscriptionReader[E]):
         super().__init__(subscription_name, stream)
         self._locks = lock_provider
         self._state = state_provider
-        store = stream.store
-        self._session_args = (store.dsn, store.name, stream.name)
         self._held_sessions: dict[str, Session] = {}
 
     def _open_session(self) -> Session:

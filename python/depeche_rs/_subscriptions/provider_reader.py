@@ -34,8 +34,6 @@ class ProviderSubscriptionReader(SubscriptionReader[E]):
         super().__init__(subscription_name, stream)
         self._state_provider = state_provider
         self._lock_provider = lock_provider
-        store = stream.store
-        self._session_args = (store.dsn, store.name, stream.name)
 
     def _open_session(self) -> Session:
         dsn, store, stream = self._session_args

@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 from .. import _native
 from .._exceptions import SerializationError
-from .._interfaces import AggregatedStreamView, MessageProtocol, StoredMessage
+from .._interfaces import AggregatedStreamView, MessageProtocol, StoredMessage, stored_message
 from .partition_queue import PartitionQueue
 
 E = TypeVar("E", bound=MessageProtocol)
@@ -144,7 +144,9 @@ class SubscriptionReader(abc.ABC, Generic[E]):
 
     def __init__(self, subscription_name: str, stream: AggregatedStreamView[E]) -> None:
         self._name = subscription_name
-        self._serializer = stream.store._serializer
+        store = stream.store
+        self._serializer = store._serializer
+        self._session_args = (store.dsn, store.name, stream.name)
         self._pool = SessionPool(self._open_session)
         self.partitions = PartitionQueue()
 
@@ -294,19 +296,7 @@ class SubscriptionReader(abc.ABC, Generic[E]):
                     f"{stored.stream!r}, version {stored.version}) at partition {partition} "
                     f"position {position}: {exc}"
                 ) from exc
-            entries.append(
-                (
-                    position,
-                    StoredMessage(
-                        message_id=stored.message_id,
-                        stream=stored.stream,
-                        version=stored.version,
-                        message=message,
-                        global_position=stored.global_position,
-                        added_at=stored.added_at,
-                    ),
-                )
-            )
+            entries.append((position, stored_message(stored, message)))
         return entries, skipped_to
 
     # -- acknowledgements -------------------------------------------------------------
