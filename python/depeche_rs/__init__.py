@@ -59,6 +59,7 @@ from ._subscriptions.error_handlers import (
     ExitSubscriptionErrorHandler,
     LogAndIgnoreSubscriptionErrorHandler,
 )
+from ._subscriptions.factory import SubscriptionFactory
 from ._subscriptions.message_handler import (
     DuplicateHandlerError,
     InvalidHandlerError,
@@ -70,7 +71,6 @@ from ._subscriptions.start_points import StartAtNextMessage, StartAtPointInTime
 from ._subscriptions.subscription import (
     BatchedAckSubscriptionRunner,
     Subscription,
-    SubscriptionFactory,
     SubscriptionRunner,
 )
 

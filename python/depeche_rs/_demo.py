@@ -9,6 +9,10 @@ import uuid as _uuid
 from typing import Any
 
 from ._interfaces import StoredMessage, SubscriptionMessage
+from ._store.message_store import MessageStore
+from ._subscriptions.ack import AckStrategy
+from ._subscriptions.message_handler import MessageHandlerRegister
+from .tools import StreamNamePartitioner
 
 
 class DemoEvent:
@@ -91,10 +95,8 @@ def _write_backlog(store: Any, messages: int, streams: int) -> tuple[int, int, i
 
 def run(dsn: str | None, messages: int, streams: int) -> int:
     """Write `messages` over `streams` streams, project them twice, subscribe to one."""
-    from . import AckStrategy, MessageHandlerRegister, MessageStore
-    from .tools import StreamNamePartitioner
-
     if dsn is None:
+        # The embedded server (POSIX-only, its binaries an optional extra) only without a DSN.
         from ._embedded import start_embedded
 
         print("starting the embedded PostgreSQL in ./.depeche-rs/pgdata ...", flush=True)

@@ -2,4 +2,4 @@
 
 from ._interfaces import *  # noqa: F403
 from ._projection.aggregated_stream import AggregatedStreamFactory as AggregatedStreamFactory
-from ._subscriptions.subscription import SubscriptionFactory as SubscriptionFactory
+from ._subscriptions.factory import SubscriptionFactory as SubscriptionFactory

@@ -20,6 +20,7 @@ from .._db.connection import libpq_form, redact, sqlalchemy_url
 from .._exceptions import InvalidNameError, InvalidWildcardError
 from .._names import validate_name, validate_wildcards
 from .._projector import DEFAULT_BATCH_SIZE, builtin_partitioner
+from ..tools import StreamHashPartitioner, StreamNamePartitioner
 from ._json_messages import DEFAULT_TIME_FIELDS
 
 DSN_ENV = "DEPECHE_RS_DSN"
@@ -156,8 +157,6 @@ def _instantiate(obj: Any, text: str, what: str) -> Any:
 
 def parse_partitioner(text: str) -> PartitionerSpec:
     """`stream-hash`, `hash-mod:N` or `module:attr` to a partitioner."""
-    from ..tools import StreamHashPartitioner, StreamNamePartitioner
-
     obj: Any
     if text == "stream-hash":
         obj = StreamNamePartitioner()

@@ -19,6 +19,7 @@ from .. import _names
 from .._db import migrations, schema
 from .._db.connection import redact
 from .._exceptions import InvalidNameError
+from .._projection.aggregated_stream import AggregatedStream
 from ._config import ConfigError, resolve_dsn
 
 # The lock `_schema` takes while creating the same objects.
@@ -72,8 +73,6 @@ def _version(text: str) -> tuple[int, int]:
 
 def run_generate_migration_script(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`generate-migration-script PREV TARGET`, as depeche-db's command prints it."""
-    from .._projection.aggregated_stream import AggregatedStream
-
     out = out if out is not None else sys.stdout
     prev, target = _version(args.prev_version), _version(args.target_version)
     try:

@@ -24,7 +24,7 @@ from .._interfaces import (
 )
 from .._projector import FullUpdateResult as FullUpdateResult  # depeche-db exports it from here
 from .._projector import StreamProjector
-from .._subscriptions.subscription import SubscriptionFactory
+from .._subscriptions.factory import SubscriptionFactory
 from .stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
 
 E = TypeVar("E", bound=MessageProtocol)

@@ -13,7 +13,7 @@ from .._interfaces import (
     StoredMessage,
     SubscriptionStartPoint,
 )
-from .._subscriptions.subscription import SubscriptionFactory
+from .._subscriptions.factory import SubscriptionFactory
 from ..tools._inmem_subscription import InMemorySubscriptionState, NullLockProvider
 from ..tools._pg_notification_listener import PgNotificationListener
 

@@ -17,8 +17,7 @@ Guarantees:
   `message.ack.execute(conn=conn)`: its writes and the new position commit together
   (exactly-once processing of the handler's database effects).
 
-Here are the subscription, the runners that read its batches and call the handlers, and
-the factory behind `stream.subscription(...)`.
+Here are the subscription and the runners that read its batches and call the handlers.
 """
 
 from __future__ import annotations
@@ -33,12 +32,9 @@ from typing import Any, Generic, TypeVar
 from .._db.connection import connect
 from .._interfaces import (
     AggregatedStreamView,
-    CallMiddleware,
     LockProvider,
-    MessageHandlerRegisterProtocol,
     MessageProtocol,
     RunOnNotificationResult,
-    SubscriptionErrorHandler,
     SubscriptionMessage,
     SubscriptionMessageBatch,
     SubscriptionStartPoint,
@@ -50,7 +46,7 @@ from ..tools._db_lock_provider import DbLockProvider
 from ..tools._db_subscription_state_provider import DbSubscriptionStateProvider
 from .ack import _NO_ACK, AckOp, AckRolledback, AckStrategy
 from .db_reader import DbSubscriptionReader
-from .message_handler import MessageHandlerRegister, SubscriptionMessageHandler
+from .message_handler import SubscriptionMessageHandler
 from .provider_reader import ProviderSubscriptionReader
 from .reader import Claim, SubscriptionReader
 
@@ -470,67 +466,3 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
             reader.release_after_error(claim)
             raise
         reader.release(claim, wait=False)
-
-
-class SubscriptionFactory(Generic[E]):
-    """Creates subscriptions on an aggregated stream:
-
-    subscription = stream.subscription(
-        name="subscription_name",
-        handlers=...,
-        call_middleware=...,
-        error_handler=...,
-        state_provider=...,
-        lock_provider=...,
-    )
-    """
-
-    def __init__(self, stream: AggregatedStreamView[E]) -> None:
-        self._stream = stream
-
-    def __call__(
-        self,
-        name: str,
-        handlers: MessageHandlerRegisterProtocol[E] | None = None,
-        batch_size: int | None = None,
-        call_middleware: CallMiddleware[E] | None = None,
-        error_handler: SubscriptionErrorHandler[E] | None = None,
-        state_provider: SubscriptionStateProvider | None = None,
-        lock_provider: LockProvider | None = None,
-        start_point: SubscriptionStartPoint | None = None,
-        ack_strategy: AckStrategy | None = None,
-    ) -> Subscription[E]:
-        """Create a subscription.
-
-        Args:
-            name: The name of the subscription, a valid Python identifier
-            handlers: Handlers called for the messages; defaults to an empty register
-            batch_size: Messages read at once (default 10), see `SubscriptionRunner`
-            call_middleware: Wraps the handler calls
-            error_handler: Decides what a handler error does; defaults to exiting
-            state_provider: Where positions are stored; defaults to PostgreSQL
-            lock_provider: Partition locks; defaults to PostgreSQL advisory locks
-            start_point: Where a new subscription starts; defaults to the beginning
-            ack_strategy: `AckStrategy.SINGLE` (default) or `AckStrategy.BATCHED`
-
-        Raises:
-            InvalidNameError: `name` is not an identifier.
-            InvalidHandlerError: a handler needs a call_middleware that is not given.
-        """
-        register: MessageHandlerRegisterProtocol[E] = (
-            handlers if handlers is not None else MessageHandlerRegister()
-        )
-        return Subscription(
-            name=name,
-            stream=self._stream,
-            message_handler=SubscriptionMessageHandler(
-                handler_register=register,
-                error_handler=error_handler,
-                call_middleware=call_middleware,
-            ),
-            batch_size=batch_size,
-            state_provider=state_provider,
-            lock_provider=lock_provider,
-            start_point=start_point,
-            ack_strategy=ack_strategy or AckStrategy.SINGLE,
-        )
