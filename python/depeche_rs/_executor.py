@@ -10,10 +10,11 @@ every `stimulation_interval` seconds starting at `run()` (zero, negative or None
 nothing else. The one addition: after the listener had to reconnect, every handler runs
 once, because notifications sent while it was away are lost.
 
-Threads: the main thread reads notifications; each `StreamProjector` runs on a thread of
-its own, so a busy subscription never delays projection; all other handlers share one
-thread and run one at a time, as in depeche-db (user handlers never run concurrently
-with each other).
+Threads: the thread calling `run()` runs the live runtime (`_live.LiveRuntime`: LISTEN,
+dispatch, the stimulation as its poll, reconnection), which queues the handlers it wakes;
+each `StreamProjector` runs on a thread of its own, so a busy subscription never delays
+projection; all other handlers share one thread and run one at a time, as in depeche-db
+(user handlers never run concurrently with each other).
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-from ._connection import libpq_form
+import psycopg
+
+from ._connection import libpq_form, redact
+from ._exceptions import DatabaseConnectionError
 from ._interfaces import FixedTimeBudget, RunOnNotification, RunOnNotificationResult
-from .tools._pg_notification_listener import PgNotificationListener
+from ._live import Backoff, ListenConnection, LiveRuntime
+from ._projector import StreamProjector
 
 logger = logging.getLogger("depeche_rs.executor")
 
@@ -40,8 +45,8 @@ class _Worker:
     """A thread running queued handlers one at a time; a handler is queued at most once."""
 
     def __init__(self, name: str, on_error: Any) -> None:
-        self._queue: collections.deque[RunOnNotification] = collections.deque()
-        self._queued: set[int] = set()
+        # The queue: id -> handler, in the order they were queued.
+        self._queue: dict[int, RunOnNotification] = {}
         self._ready = threading.Condition()
         self._stopping = False
         self._on_error = on_error
@@ -50,10 +55,8 @@ class _Worker:
 
     def put(self, handler: RunOnNotification) -> None:
         with self._ready:
-            if id(handler) not in self._queued:
-                self._queued.add(id(handler))
-                self._queue.append(handler)
-                self._ready.notify()
+            self._queue.setdefault(id(handler), handler)
+            self._ready.notify()
 
     def stop(self) -> None:
         with self._ready:
@@ -62,13 +65,8 @@ class _Worker:
 
     def _next(self) -> RunOnNotification | None:
         with self._ready:
-            while not self._queue and not self._stopping:
-                self._ready.wait()
-            if self._stopping:
-                return None
-            handler = self._queue.popleft()
-            self._queued.discard(id(handler))
-            return handler
+            self._ready.wait_for(lambda: self._queue or self._stopping)
+            return None if self._stopping else self._queue.pop(next(iter(self._queue)))
 
     def _run(self) -> None:
         while True:
@@ -98,7 +96,8 @@ class Executor:
             Executor outside the main thread); stop it with `stop()`.
     """
 
-    listener: PgNotificationListener | None = None
+    # The LISTEN connection of the running executor (None before `run()`).
+    listener: ListenConnection | None = None
 
     def __init__(
         self,
@@ -113,12 +112,9 @@ class Executor:
         self.stimulation_interval = stimulation_interval
         self.keep_running = True
         self.listener = None
-        self._stopped = threading.Event()
+        self._runtime: LiveRuntime[RunOnNotification] | None = None
         self._workers: dict[int, _Worker] = {}
         self._shared_worker = _Worker("depeche-rs-handlers", self._on_handler_error)
-        self._stimulator = threading.Thread(
-            target=self._stimulate, name="depeche-rs-stimulator", daemon=True
-        )
         if not disable_signals:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError(
@@ -144,9 +140,8 @@ class Executor:
         Safe to call from a signal handler or another thread.
         """
         self.keep_running = False
-        self._stopped.set()
-        if self.listener is not None:
-            self.listener.request_stop()
+        if self._runtime is not None:
+            self._runtime.stop()
         for handler in self._handlers():
             handler.stop()
         self._shared_worker.stop()
@@ -160,16 +155,14 @@ class Executor:
         for handlers in list(self.channel_register.values()):
             yield from handlers
 
-    def _worker_for(self, handler: RunOnNotification) -> _Worker:
-        return self._workers.get(id(handler), self._shared_worker)
+    def _queue(self, handler: RunOnNotification) -> None:
+        """The runtime's pass of a handler: queue it on its worker (which runs it again
+        while it reports `WORK_REMAINING`)."""
+        self._workers.get(id(handler), self._shared_worker).put(handler)
 
     def _on_handler_error(self, exc: BaseException) -> None:
         logger.error("a handler failed; stopping the executor", exc_info=exc)
         self.stop()
-
-    def _wake_all(self) -> None:
-        for handler in self._handlers():
-            self._worker_for(handler).put(handler)
 
     def run(self) -> None:
         """Run until `stop()` (or SIGINT/SIGTERM).
@@ -178,48 +171,45 @@ class Executor:
             DatabaseConnectionError: the database could not be reached at start.
             Exception: what a handler raised (after stopping the other handlers).
         """
-        from ._projector import StreamProjector
-
         if not self.keep_running:
             return
         for handler in self._handlers():
             # Projectors are ours and thread-safe: give each its own thread.
             if isinstance(handler, StreamProjector) and id(handler) not in self._workers:
                 self._workers[id(handler)] = _Worker("depeche-rs-projector", self._on_handler_error)
-        self.listener = PgNotificationListener(
-            dsn=self._db_dsn,
-            channels=list(self.channel_register),
-            ignore_payload=False,
-            on_reconnect=self._wake_all,
+        self.listener = ListenConnection(self._db_dsn, self.channel_register, "depeche-rs listener")
+        self._runtime = LiveRuntime(
+            self.listener,
+            list(self._handlers()),
+            self._queue,
+            self.stimulation_interval,
+            backoff=Backoff(initial=0.05, maximum=5.0),
+            on_lost=lambda exc, delay: logger.warning(
+                "LISTEN connection lost (%s); reconnecting in %.2fs", exc, delay
+            ),
+            on_reconnected=lambda down: logger.info(
+                "LISTEN connection re-established after %.1fs; running every handler", down
+            ),
         )
-        self.listener.start()
+        if not self.keep_running:  # stopped while being set up
+            return
         workers = [self._shared_worker, *self._workers.values()]
         try:
+            try:
+                self.listener.connect()
+            except psycopg.OperationalError as exc:
+                raise DatabaseConnectionError(
+                    f"could not connect to PostgreSQL at {redact(self._db_dsn)} to LISTEN: {exc}"
+                ) from exc
             for worker in workers:
                 worker.thread.start()
-            self._stimulator.start()
-            for notification in self.listener.messages():
-                for handler in self.channel_register.get(notification.channel, ()):
-                    if handler.interested_in_notification(notification.payload):
-                        handler.take_notification_hint(notification.payload)
-                        self._worker_for(handler).put(handler)
+            self._runtime.run()
         finally:
             self.stop()
-            self.listener.stop()
+            self.listener.close()
             for worker in workers:
                 if worker.thread.is_alive():
                     worker.thread.join()
-            if self._stimulator.is_alive():
-                self._stimulator.join()
         for worker in workers:
             if worker.error is not None:
                 raise worker.error
-
-    def _stimulate(self) -> None:
-        interval = self.stimulation_interval
-        if interval is None or interval <= 0:
-            return
-        # depeche-db's stimulator runs every handler at once, then after each interval.
-        while not self._stopped.is_set():
-            self._wake_all()
-            self._stopped.wait(interval)

@@ -1,4 +1,8 @@
-"""The stream projector: a thin Python shell over the Rust engine's batch loop."""
+"""The stream projector: a thin Python shell over the Rust engine's batch loop.
+
+It runs passes; when they run is the live runtime's business (`_live.py`): the
+`Executor` and `depeche-rs project` drive every projector through it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import json as _json
 import re as _re
 import threading as _threading
 import uuid as _uuid
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from . import _native
 from ._exceptions import PartitionerError, PoisonMessageError
 from ._interfaces import (
+    AggregatedStreamView,
     MessagePartitioner,
     MessageProtocol,
     RunOnNotificationResult,
@@ -19,14 +25,16 @@ from ._interfaces import (
     TimeBudget,
 )
 from ._timings import Timings
-
-if TYPE_CHECKING:
-    from ._aggregated_stream import AggregatedStream
+from .tools._partitioners import StreamHashPartitioner, StreamNamePartitioner
 
 E = TypeVar("E", bound=MessageProtocol)
 
 DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
+
+# The engine's per-batch callback: rows (id bytes, stream, version, global position,
+# added_at, occurred_at, body) and whether partitions are needed -> (partition, time) each.
+Resolve = Callable[[list[tuple[Any, ...]], bool], list[tuple[int | None, _dt.datetime]]]
 
 
 class FullUpdateResult(NamedTuple):
@@ -34,6 +42,15 @@ class FullUpdateResult(NamedTuple):
 
     n_updated_messages: int
     more_messages_available: bool
+
+
+class ProjectionResult(NamedTuple):
+    """What `StreamProjector.project` did; `locked`: another projector was inside a batch
+    of the stream, so nothing was done."""
+
+    n_updated_messages: int
+    more_messages_available: bool
+    locked: bool
 
 
 def like_to_regex(wildcard: str) -> _re.Pattern[str]:
@@ -58,8 +75,6 @@ def builtin_partitioner(partitioner: Any) -> tuple[str, int | None] | None:
     Both our and depeche-db's `StreamNamePartitioner` qualify, as long as a subclass did
     not override `get_partition`.
     """
-    from .tools import StreamHashPartitioner, StreamNamePartitioner
-
     cls = type(partitioner)
     if cls.get_partition is StreamNamePartitioner.get_partition:
         return ("stream_name", None)
@@ -88,7 +103,7 @@ class StreamProjector(Generic[E]):
 
     def __init__(
         self,
-        stream: AggregatedStream[E],
+        stream: AggregatedStreamView[E],
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         batch_size: int | None = None,
@@ -141,17 +156,27 @@ class StreamProjector(Generic[E]):
         Returns `(n_updated_messages, more_messages_available)`. When another projector
         holds the stream's lock, returns `(0, False)` at once.
         """
-        with self._lock, self.timings.span("update_full"):
-            native = self._get_native()
-            projected, more, _locked = native.run(self._timed_resolve, budget)
-        return FullUpdateResult(projected, more)
+        with self.timings.span("update_full"):
+            return FullUpdateResult(*self.project(budget=budget)[:2])
 
     def update_batch(self) -> FullUpdateResult:
         """Project at most one batch."""
-        with self._lock, self.timings.span("update_batch"):
+        with self.timings.span("update_batch"):
+            return FullUpdateResult(*self.project(max_batches=1)[:2])
+
+    def project(
+        self,
+        budget: TimeBudget | None = None,
+        max_batches: int | None = None,
+        resolve: Resolve | None = None,
+    ) -> ProjectionResult:
+        """Internal, behind `update_full`, `update_batch` and `depeche-rs project`: run
+        batches until caught up, over `budget` or `max_batches` done. `resolve` replaces
+        `resolve_rows` as the engine's callback (the command line's wraps it)."""
+        with self._lock:
             native = self._get_native()
-            projected, more, _locked = native.run(self._timed_resolve, None, 1)
-        return FullUpdateResult(projected, more)
+            found = native.run(resolve or self._timed_resolve, budget, max_batches)
+        return ProjectionResult(*found)
 
     def close(self) -> None:
         """Close the projector's connection (reopened on the next update)."""
@@ -177,83 +202,69 @@ class StreamProjector(Generic[E]):
         self, rows: list[tuple[Any, ...]], need_partition: bool
     ) -> list[tuple[int | None, _dt.datetime]]:
         with self.timings.span("resolve"):
-            return self._resolve(rows, need_partition)
+            return self.resolve_rows(rows, need_partition)
 
-    def _resolve(
+    def resolve_rows(
         self, rows: list[tuple[Any, ...]], need_partition: bool
     ) -> list[tuple[int | None, _dt.datetime]]:
-        """Partition and time of each row: called by the engine once per batch."""
+        """Internal: the engine's per-batch callback (`Resolve`). Partition (when
+        `need_partition`) and message time of each row, by the store's serializer and the
+        partitioner; a message that cannot be read raises `PoisonMessageError`."""
         serializer = self.stream.store._serializer
-        partitioner = self.partitioner
         out: list[tuple[int | None, _dt.datetime]] = []
-        for id_bytes, stream, version, global_position, added_at, occurred_at, body in rows:
+        for row in rows:
+            id_bytes, stream, version, global_position, added_at, occurred_at, body = row
             try:
                 message = serializer.deserialize(_json.loads(body))
             except Exception as exc:
-                raise self._poison(
-                    "cannot be deserialized", exc, stream, version, global_position, id_bytes
-                ) from exc
+                raise self._poison("cannot be deserialized", exc, row) from exc
             partition: int | None = None
             if need_partition:
-                message_id = _uuid.UUID(bytes=id_bytes)
                 stored = StoredMessage(
-                    message_id=message_id,
+                    message_id=_uuid.UUID(bytes=id_bytes),
                     stream=stream,
                     version=version,
                     message=message,
                     global_position=global_position,
                     added_at=added_at,
                 )
-                try:
-                    partition = partitioner.get_partition(stored)
-                except Exception as exc:
-                    raise PartitionerError(
-                        f"partitioner {type(partitioner).__name__} raised {exc!r} on message "
-                        f"{message_id} of stream {stream!r}; nothing was projected",
-                        stream=stream,
-                        message_id=message_id,
-                    ) from exc
-                if not isinstance(partition, int) or isinstance(partition, bool):
-                    raise PartitionerError(
-                        f"partitioner {type(partitioner).__name__} returned {partition!r} for "
-                        f"message {message_id} of stream {stream!r}; it must return an int "
-                        "from 0 upwards; nothing was projected",
-                        stream=stream,
-                        message_id=message_id,
-                    )
-                if partition < 0 or partition > _MAX_PARTITION:
-                    raise PartitionerError(
-                        f"partitioner {type(partitioner).__name__} returned {partition} for "
-                        f"message {message_id} of stream {stream!r}; partitions must be from 0 "
-                        f"to {_MAX_PARTITION}; nothing was projected",
-                        stream=stream,
-                        message_id=message_id,
-                    )
+                partition = self._partition(stored)
             if occurred_at is None:
                 try:
                     occurred_at = _utc_naive(message.get_message_time())
                 except Exception as exc:
-                    raise self._poison(
-                        "has no message time (its get_message_time() raised)",
-                        exc,
-                        stream,
-                        version,
-                        global_position,
-                        id_bytes,
-                    ) from exc
+                    what = "has no message time (its get_message_time() raised)"
+                    raise self._poison(what, exc, row) from exc
             out.append((partition, occurred_at))
         return out
 
-    def _poison(
-        self,
-        what: str,
-        exc: Exception,
-        stream: str,
-        version: int,
-        global_position: int,
-        id_bytes: bytes,
-    ) -> PoisonMessageError:
+    def _partition(self, stored: StoredMessage[E]) -> int:
+        """The partitioner's number for `stored`, or `PartitionerError`."""
+        try:
+            partition = self.partitioner.get_partition(stored)
+        except Exception as exc:
+            raise self._partitioner_error(stored, f"raised {exc!r} on") from exc
+        if not isinstance(partition, int) or isinstance(partition, bool):
+            rule = "it must return an int from 0 upwards; "
+            raise self._partitioner_error(stored, f"returned {partition!r} for", rule)
+        if partition < 0 or partition > _MAX_PARTITION:
+            rule = f"partitions must be from 0 to {_MAX_PARTITION}; "
+            raise self._partitioner_error(stored, f"returned {partition} for", rule)
+        return partition
+
+    def _partitioner_error(
+        self, stored: StoredMessage[E], what: str, rule: str = ""
+    ) -> PartitionerError:
+        return PartitionerError(
+            f"partitioner {type(self.partitioner).__name__} {what} message {stored.message_id} "
+            f"of stream {stored.stream!r}; {rule}nothing was projected",
+            stream=stored.stream,
+            message_id=stored.message_id,
+        )
+
+    def _poison(self, what: str, exc: Exception, row: tuple[Any, ...]) -> PoisonMessageError:
         # The id is built here, not per row: a UUID per message is measurable in a catch-up.
+        id_bytes, stream, version, global_position = row[:4]
         message_id = _uuid.UUID(bytes=id_bytes)
         store = self.stream.store.name
         return PoisonMessageError(

@@ -1,5 +1,10 @@
-"""The loop of one `depeche-rs project` process: hot-standby election, batches,
-notifications, polls, reconnections.
+"""`depeche-rs project`'s part of the live runtime: hot-standby election, batches,
+progress, metrics, stuck streams, exit statuses.
+
+The runtime (`.._live.LiveRuntime`, the one the `Executor` runs on too) listens on the
+control connection, dispatches notifications to the streams, polls every poll interval,
+and reconnects the control connection with backoff; `ProjectLoop` gives it the streams
+and its hooks: `_tick` (election, backlog, when to stop) and `_pass` (a stream's batches).
 
 Batches of different streams take turns in slices of `_SLICE_S`, so that one stream's
 catch-up does not hold back another's live messages for long. A lost projector
@@ -15,19 +20,18 @@ is).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
 import time
+from typing import Any
 
 import psycopg
 
-from .. import _native
 from .._exceptions import DatabaseConnectionError, DatabaseError
+from .._live import Backoff, LiveRuntime
+from .._projector import Resolve, StreamProjector
 from . import _catalog, _stuck
 from ._config import ProjectSettings, StreamSpec
-from ._control import Backoff, ControlConnection
-from ._json_messages import Resolve
+from ._control import ControlConnection
 from ._logging import Console, event
 from ._metrics import ProjectorMetrics
 from ._progress import CatchUpProgress
@@ -35,8 +39,6 @@ from ._signals import StopSignal
 
 # How long one stream may run batches before the others get their turn.
 _SLICE_S = 0.5
-# The longest wait between two looks at the stop flag.
-_WAIT_CHUNK_S = 0.25
 # How often the backlog gauge is recounted (and the progress line's estimate corrected).
 _BACKLOG_INTERVAL_S = 30.0
 # SQLSTATE classes a retry can fix: transaction rollback (serialization failure,
@@ -44,21 +46,17 @@ _BACKLOG_INTERVAL_S = 30.0
 _TRANSIENT_SQLSTATES = ("40", "53", "57014")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class ProjectedStream:
-    """One aggregated stream of the process, and where it stands."""
+    """One aggregated stream of the process, and where it stands (a runtime target)."""
 
     spec: StreamSpec
-    channel: str
-    regexes: list[re.Pattern[str]]
-    native: _native.Projector
+    projector: StreamProjector[Any]
     resolve: Resolve
     leader: bool = False
-    pending: bool = True
     caught_up: bool = False
     finished: bool = False
     next_lock_attempt: float = 0.0
-    retry_at: float = 0.0
     next_backlog_check: float = 0.0
     lost_since: float | None = None
     standby_holder: str | None = None
@@ -78,9 +76,24 @@ class ProjectedStream:
         """Its metric labels."""
         return (self.spec.stream,)
 
+    @property
+    def notification_channel(self) -> str:
+        """The store's channel."""
+        return self.projector.notification_channel
+
+    def interested_in_notification(self, notification: dict[str, Any]) -> bool:
+        """The projector's rule, and a payload naming no stream (sent by hand) too."""
+        stream = notification.get("stream")
+        return not isinstance(stream, str) or self.projector.interested_in_notification(
+            notification
+        )
+
+    def take_notification_hint(self, notification: dict[str, Any]) -> None:
+        """Nothing to take: the projector reads from its cursor."""
+
 
 class ProjectLoop:
-    """The loop of one `depeche-rs project` process."""
+    """The hooks of one `depeche-rs project` process on its live runtime."""
 
     def __init__(
         self,
@@ -98,44 +111,27 @@ class ProjectLoop:
         self.console = console
         self.stop = stop
         self.poll = settings.poll_interval
-        self._next_poll = time.monotonic() + self.poll
-        self._control_backoff = Backoff()
-        self._control_retry_at = 0.0
-        self._control_lost_since: float | None = None
-        self.stuck_streams = _stuck.StuckStreams(
-            metrics, control, self._control_lost, self.poll, others=len(streams) > 1
+        self.status: int | None = None
+        self.runtime = LiveRuntime(
+            control,
+            streams,
+            self._pass,
+            self.poll,
+            tick=self._tick,
+            on_lost=self._control_lost,
+            on_reconnected=lambda down: self._reconnected(
+                "listen", "the LISTEN/lock connection", down
+            ),
         )
-
-    # -- the loop -------------------------------------------------------------------
+        self.stuck_streams = _stuck.StuckStreams(
+            metrics, control, self.runtime.connection_lost, self.poll, others=len(streams) > 1
+        )
 
     def run(self) -> int:
         """Project until stopped; returns the exit status."""
-        while not self.stop.requested:
-            now = time.monotonic()
-            if not self.control.up and now >= self._control_retry_at:
-                self._reconnect_control()
-            if self.control.up:
-                self._elect(now)
-            if self.control.up:
-                self._refresh_backlogs(now)
-            for stream in self.streams:
-                if self.stop.requested:
-                    break
-                if stream.leader and stream.pending and time.monotonic() >= stream.retry_at:
-                    self._work(stream)
-            if self.settings.once and all(s.finished for s in self.streams):
-                return self._done()
-            stuck = [s.name for s in self.streams if s.stuck.cause is not None]
-            if stuck and len(stuck) == len(self.streams):
-                event(
-                    logging.ERROR,
-                    "error",
-                    f"every aggregated stream of this process is stuck ({', '.join(stuck)}); "
-                    "exiting with status 1 (restarting retries them)",
-                    stuck=stuck,
-                )
-                return 1
-            self._wait()
+        self.runtime.run()
+        if self.status is not None:
+            return self.status
         event(
             logging.INFO,
             "stopping",
@@ -144,6 +140,47 @@ class ProjectLoop:
             signal=self.stop.signal_name,
         )
         return 0
+
+    def _tick(self) -> float | None:
+        """Once per turn of the runtime: election, backlog; returns when the next lock
+        attempt is due."""
+        if self._ended() or not self.control.up:
+            return None
+        now = time.monotonic()
+        self._elect(now)
+        if self.control.up:
+            self._refresh_backlogs(now)
+        self._ended()
+        return min((s.next_lock_attempt for s in self.streams if not s.leader), default=None)
+
+    def _pass(self, stream: ProjectedStream) -> float | None:
+        """The runtime's pass of `stream`: its batches for one slice, when it is active
+        (becoming active wakes it)."""
+        again = self._work(stream) if stream.leader else None
+        self._ended()
+        return again
+
+    def _ended(self) -> bool:
+        """Stop the runtime on a stop signal, with `--once` when done, or when every
+        stream is stuck (setting the exit status)."""
+        stuck = [s.name for s in self.streams if s.stuck.cause is not None]
+        if self.stop.requested or self.status is not None:
+            pass
+        elif self.settings.once and all(s.finished for s in self.streams):
+            self.status = self._done()
+        elif stuck and len(stuck) == len(self.streams):
+            event(
+                logging.ERROR,
+                "error",
+                f"every aggregated stream of this process is stuck ({', '.join(stuck)}); "
+                "exiting with status 1 (restarting retries them)",
+                stuck=stuck,
+            )
+            self.status = 1
+        else:
+            return False
+        self.runtime.stop()
+        return True
 
     def _done(self) -> int:
         """`--once`: every stream is caught up, left to another instance, or stuck."""
@@ -165,46 +202,6 @@ class ProjectLoop:
         )
         return status
 
-    def _wait(self) -> None:
-        now = time.monotonic()
-        ready = [s for s in self.streams if s.leader and s.pending and s.retry_at <= now]
-        if ready:
-            timeout = 0.0
-        else:
-            deadlines = [self._next_poll]
-            deadlines += [s.retry_at for s in self.streams if s.leader and s.pending]
-            deadlines += [s.next_lock_attempt for s in self.streams if not s.leader]
-            if not self.control.up:
-                deadlines.append(self._control_retry_at)
-            timeout = max(0.0, min(deadlines) - now)
-        timeout = min(timeout, _WAIT_CHUNK_S)
-        if self.control.up:
-            try:
-                notifies = self.control.wait(timeout)
-            except psycopg.Error as exc:
-                self._control_lost(exc)
-            else:
-                self._dispatch(notifies)
-        elif timeout > 0:
-            time.sleep(timeout)
-        if time.monotonic() >= self._next_poll:
-            # The safety net: a pass even without a notification (one may have been lost).
-            self._next_poll = time.monotonic() + self.poll
-            for stream in self.streams:
-                stream.pending = True
-
-    def _dispatch(self, notifies: list[psycopg.Notify]) -> None:
-        for notify in notifies:
-            try:
-                origin = json.loads(notify.payload).get("stream")
-            except (ValueError, AttributeError):
-                origin = None
-            for stream in self.streams:
-                if stream.channel != notify.channel:
-                    continue
-                if not isinstance(origin, str) or any(r.fullmatch(origin) for r in stream.regexes):
-                    stream.pending = True
-
     # -- hot standby ----------------------------------------------------------------
 
     def _elect(self, now: float) -> None:
@@ -216,7 +213,7 @@ class ProjectLoop:
                 got = self.control.try_lock(stream.name)
                 holder = None if got else _catalog.lock_holder(self.control.connection, stream.name)
             except psycopg.Error as exc:
-                self._control_lost(exc)
+                self.runtime.connection_lost(exc)
                 return
             if got:
                 self._become_active(stream)
@@ -240,9 +237,8 @@ class ProjectLoop:
         took_over = stream.standby_holder is not None
         stream.leader = True
         stream.standby_holder = None
-        stream.pending = True
         stream.caught_up = False
-        stream.retry_at = 0.0
+        self.runtime.wake(stream)
         self.metrics.lock_holder.set(stream.labels, 1)
         event(
             logging.INFO,
@@ -284,7 +280,7 @@ class ProjectLoop:
                 self.control.connection, stream.spec.store, stream.name, stream.spec.wildcards
             )
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._control_lost(exc)
+            self.runtime.connection_lost(exc)
             return None
         except psycopg.Error as exc:
             # Only the gauge and the progress estimate are at stake: say so, carry on.
@@ -301,38 +297,38 @@ class ProjectLoop:
 
     # -- batches --------------------------------------------------------------------
 
-    def _work(self, stream: ProjectedStream) -> None:
+    def _work(self, stream: ProjectedStream) -> float | None:
+        """Batches of `stream` for one slice; returns when to go on (None: caught up)."""
         deadline = time.monotonic() + _SLICE_S
         while not self.stop.requested:
             started = time.monotonic()
             try:
-                projected, more, locked = stream.native.run(stream.resolve, None, 1)
+                projected, more, locked = stream.projector.project(
+                    max_batches=1, resolve=stream.resolve
+                )
             except DatabaseConnectionError as exc:
-                self._projector_failed(stream, exc, lost=True)
-                return
+                return self._projector_failed(stream, exc, lost=True)
             except DatabaseError as exc:
                 if (exc.sqlstate or "").startswith(_TRANSIENT_SQLSTATES):
-                    self._projector_failed(stream, exc, lost=False)
-                    return
-                self._stuck(stream, exc)
-                return
+                    return self._projector_failed(stream, exc, lost=False)
+                return self._stuck(stream, exc)
             except Exception as exc:
                 # A message the serializer cannot read, a failing partitioner, an unsafe
                 # sequence, tables dropped: the same batch would fail again.
-                self._stuck(stream, exc)
-                return
+                return self._stuck(stream, exc)
             took = time.monotonic() - started
             if stream.lost_since is not None:
-                self._reconnected(stream)
+                down, stream.lost_since = time.monotonic() - stream.lost_since, None
+                what = f"{stream.name}: the projector"
+                self._reconnected(stream.name, what, down, stream=stream.name)
             stream.backoff.reset()
             if locked:
-                self._table_locked(stream)
-                return
+                return self._table_locked(stream)
             stream.table_locked = False
             if stream.stuck.unsettled:
                 self.stuck_streams.went_through(stream.spec, stream.stuck)
                 if not stream.leader:
-                    return  # the control connection went down with the lock
+                    return None  # the control connection went down with the lock
             self.metrics.last_batch.set(stream.labels, time.time())
             if projected:
                 stream.projected_total += projected
@@ -341,20 +337,20 @@ class ProjectLoop:
                 if stream.progress is not None:
                     stream.progress.advance(projected)
             if not more:
-                stream.pending = False
                 self.metrics.backlog.set(stream.labels, 0)
                 if not stream.caught_up:
                     self._caught_up(stream)
-                return
+                return None
             if time.monotonic() >= deadline:
-                return
+                return 0.0
+        return 0.0
 
     def _caught_up(self, stream: ProjectedStream) -> None:
         stream.caught_up = True
         live = (
             ""
             if self.settings.once
-            else f"; live on NOTIFY {stream.channel}, polling every {self.poll:g} s"
+            else f"; live on NOTIFY {stream.notification_channel}, polling every {self.poll:g} s"
         )
         progress, stream.progress = stream.progress, None
         if progress is None:
@@ -382,10 +378,9 @@ class ProjectLoop:
         if self.settings.once:
             stream.finished = True
 
-    def _table_locked(self, stream: ProjectedStream) -> None:
+    def _table_locked(self, stream: ProjectedStream) -> float:
         # Our own instances coordinate through the hot-standby lock; this is someone
         # else (a library projector, depeche-db) inside a batch right now.
-        stream.retry_at = time.monotonic() + self.poll
         if not stream.table_locked:
             stream.table_locked = True
             event(
@@ -395,14 +390,12 @@ class ProjectLoop:
                 f"the aggregated table's lock; trying again in {self.poll:g} s",
                 stream=stream.name,
             )
+        return self.poll
 
-    def _projector_failed(self, stream: ProjectedStream, exc: DatabaseError, lost: bool) -> None:
-        now = time.monotonic()
+    def _projector_failed(self, stream: ProjectedStream, exc: DatabaseError, lost: bool) -> float:
         delay = stream.backoff.next_delay()
-        stream.retry_at = now + delay
-        stream.pending = True
         if lost and stream.lost_since is None:
-            stream.lost_since = now
+            stream.lost_since = time.monotonic()
         what = "lost its database connection" if lost else "hit a transient error"
         event(
             logging.WARNING,
@@ -414,37 +407,32 @@ class ProjectLoop:
             sqlstate=exc.sqlstate,
             retry_in=round(delay, 2),
         )
+        return delay
 
-    def _stuck(self, stream: ProjectedStream, exc: Exception) -> None:
+    def _stuck(self, stream: ProjectedStream, exc: Exception) -> float:
         """The batch failed in a way no retry fixes: retry it every poll interval (the
         operator may fix the cause meanwhile) while the other streams go on."""
-        stream.retry_at = time.monotonic() + self.poll
-        stream.pending = True
         if self.settings.once:
             stream.finished = True
         if stream.progress is not None:
             stream.progress.finish()
         self.stuck_streams.failed(stream.spec, stream.stuck, exc)
+        return self.poll
 
-    def _reconnected(self, stream: ProjectedStream) -> None:
-        assert stream.lost_since is not None
-        down = time.monotonic() - stream.lost_since
-        stream.lost_since = None
-        self.metrics.reconnects.inc(stream.labels)
+    def _reconnected(self, connection: str, what: str, down: float, **fields: str) -> None:
+        self.metrics.reconnects.inc((connection,))
         event(
             logging.INFO,
             "reconnected",
-            f"{stream.name}: the projector reconnected after {down:.1f} s",
-            stream=stream.name,
-            connection=stream.name,
+            f"{what} reconnected after {down:.1f} s",
+            **fields,
+            connection=connection,
             seconds=round(down, 3),
         )
 
-    # -- the control connection -----------------------------------------------------
+    # -- the control connection (the runtime reconnects it) --------------------------
 
-    def _control_lost(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self.control.close()
+    def _control_lost(self, exc: BaseException, delay: float) -> None:
         paused = [s.name for s in self.streams if s.leader]
         for stream in self.streams:
             stream.leader = False
@@ -452,10 +440,6 @@ class ProjectLoop:
             self.metrics.lock_holder.set(stream.labels, 0)
             # Stuck as the active instance only: a standby's series must not add up.
             self.metrics.stuck.set(stream.labels, 0)
-        if self._control_lost_since is None:
-            self._control_lost_since = now
-        delay = self._control_backoff.next_delay()
-        self._control_retry_at = now + delay
         pause = (
             f"; projecting {', '.join(paused)} is paused until it is back (a standby may take "
             "over meanwhile)"
@@ -471,24 +455,3 @@ class ProjectLoop:
             error=str(exc).strip(),
             retry_in=round(delay, 2),
         )
-
-    def _reconnect_control(self) -> None:
-        try:
-            self.control.connect()
-        except psycopg.Error as exc:
-            self._control_lost(exc)
-            return
-        down = time.monotonic() - (self._control_lost_since or time.monotonic())
-        self._control_lost_since = None
-        self._control_backoff.reset()
-        self.metrics.reconnects.inc(("listen",))
-        event(
-            logging.INFO,
-            "reconnected",
-            f"the LISTEN/lock connection reconnected after {down:.1f} s",
-            connection="listen",
-            seconds=round(down, 3),
-        )
-        # Notifications sent while we were away are lost: look at every stream once.
-        for stream in self.streams:
-            stream.pending = True

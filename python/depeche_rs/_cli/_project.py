@@ -7,7 +7,8 @@ One process projects one or more aggregated streams from one thread. Per stream:
    again every poll interval (see `_control`).
 3. While active: run batches (one transaction each, in Rust) until none is left, showing
    progress, then stay live: a NOTIFY on the store's channel (or the poll interval, as a
-   safety net) triggers the next pass (see `_loop`).
+   safety net) triggers the next pass; the live runtime the `Executor` runs on too
+   (`.._live`) does the listening and polling, `_loop` is what this command adds.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from .. import _names, _native
 from .._connection import to_engine
 from .._exceptions import DatabaseConnectionError, DatabaseError, UnsafeSequenceError
 from .._message_store import MessageStore
-from .._projector import like_to_regex
 from . import _catalog
 from ._config import ProjectSettings, StreamSpec, shown_dsn
 from ._control import ControlConnection
-from ._json_messages import JsonSerializer, Resolve, json_resolver
+from ._json_messages import JsonSerializer, json_resolver
 from ._logging import event, setup_logging
 from ._loop import ProjectedStream, ProjectLoop
 from ._metrics import MetricsServer, MetricsUnavailableError, ProjectorMetrics
@@ -48,7 +47,7 @@ def _describe_partitioner(spec: StreamSpec) -> str:
 
 
 def _open_streams(settings: ProjectSettings, engine: sa.Engine) -> list[ProjectedStream]:
-    """Create what is missing and build one engine projector per stream."""
+    """Create what is missing; one `StreamProjector` per stream."""
     streams: list[ProjectedStream] = []
     for spec in settings.streams:
         assert spec.partitioner is not None
@@ -60,30 +59,13 @@ def _open_streams(settings: ProjectSettings, engine: sa.Engine) -> list[Projecte
             list(spec.wildcards),
             update_batch_size=spec.batch_size,
         )
-        python_resolve: Resolve = aggregated.projector._resolve
+        projector = aggregated.projector
         resolve = (
-            python_resolve
+            projector.resolve_rows
             if spec.serializer_obj is not None
-            else json_resolver(python_resolve, spec.time_fields, spec.store)
+            else json_resolver(projector.resolve_rows, spec.time_fields, spec.store)
         )
-        native = _native.Projector(
-            store.dsn,
-            spec.store,
-            spec.stream,
-            list(spec.wildcards),
-            spec.batch_size,
-            spec.partitioner.kind,
-            spec.partitioner.modulus,
-        )
-        streams.append(
-            ProjectedStream(
-                spec=spec,
-                channel=_names.store_channel(spec.store),
-                regexes=[like_to_regex(w) for w in spec.wildcards],
-                native=native,
-                resolve=resolve,
-            )
-        )
+        streams.append(ProjectedStream(spec=spec, projector=projector, resolve=resolve))
     return streams
 
 
@@ -145,7 +127,7 @@ def run_project(settings: ProjectSettings) -> int:
         finally:
             # Only needed to create what was missing; the engine keeps its own connections.
             engine.dispose()
-        control = ControlConnection(settings.dsn, {s.channel for s in streams})
+        control = ControlConnection(settings.dsn, {s.notification_channel for s in streams})
         try:
             control.connect()
             for stream in streams:
@@ -227,7 +209,7 @@ def run_project(settings: ProjectSettings) -> int:
         for stream in streams:
             if stream.progress is not None:
                 stream.progress.finish()
-            stream.native.close()
+            stream.projector.close()
         if control is not None:
             control.close()
         if server is not None:
