@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from .. import _names
+from .._db.schema import lock_sql
 
 REGISTRY_TABLE = "depeche_rs_projectors"
 # The hot-standby lock is `pg_try_advisory_lock(LOCK_CLASS, hashtext(stream))`: the
@@ -144,9 +145,7 @@ def ensure_registry(conn: Conn) -> None:
         # The usual case takes no lock: ALTER TABLE would take an exclusive one.
         return
     with conn.transaction():
-        conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext(%s))", ("depeche_rs:" + REGISTRY_TABLE,)
-        )
+        conn.execute(lock_sql(REGISTRY_TABLE))
         stuck_columns = sql.SQL("").join(
             sql.SQL(", {} {}").format(sql.Identifier(name), sql.SQL(kind))
             for name, kind in _STUCK_COLUMNS

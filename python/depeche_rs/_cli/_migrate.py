@@ -22,8 +22,8 @@ from .._exceptions import InvalidNameError
 from .._projection.aggregated_stream import AggregatedStream
 from ._config import ConfigError, resolve_dsn
 
-# The lock `_schema` takes while creating the same objects.
-_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{schema.DDL_LOCK_KEY}'));"
+# The lock the library takes while creating the same objects.
+_LOCK = schema.lock_sql() + ";"
 
 
 def migration_script(

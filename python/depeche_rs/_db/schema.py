@@ -168,8 +168,10 @@ $$ LANGUAGE plpgsql;"""
 DDL_LOCK_KEY = "ddl"
 
 
-def _lock(conn: sa.Connection, key: str) -> None:
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": "depeche_rs:" + key})
+def lock_sql(key: str = DDL_LOCK_KEY) -> str:
+    """The transaction lock our DDL of `key` (a table name, or all: `DDL_LOCK_KEY`) runs
+    under, so that processes starting at once create objects one after the other."""
+    return f"SELECT pg_advisory_xact_lock(hashtext('depeche_rs:{key}'))"
 
 
 def _is_current(conn: sa.Connection, table: str) -> bool:
@@ -409,7 +411,7 @@ def _ensure(engine: sa.Engine, table: str, ddl: str) -> None:
             return
         conn.rollback()
         with conn.begin():
-            _lock(conn, DDL_LOCK_KEY)
+            conn.exec_driver_sql(lock_sql())
             if _is_current(conn, table):
                 return
             execute_script(conn, ddl)

@@ -140,25 +140,17 @@ class AggregatedStream(Generic[E]):
             partition: Partition number
             conn: Connection to read with; a new one is used when not given.
         """
-        with self._connection(conn) as c:
-            for message_id, position in c.exec_driver_sql(
-                f"SELECT message_id, position FROM {self._table} "
-                "WHERE partition = %s ORDER BY position",
-                (partition,),
-            ):
-                yield AggregatedStreamMessage(
-                    partition=partition, position=position, message_id=message_id
-                )
+        return self.read_slice(partition, 0, None, conn)
 
     def read_slice(
-        self, partition: int, start: int, count: int, conn: _sa.Connection | None = None
+        self, partition: int, start: int, count: int | None, conn: _sa.Connection | None = None
     ) -> Iterator[AggregatedStreamMessage]:
         """Yield up to `count` messages of a partition from position `start` on.
 
         Args:
             partition: Partition number
             start: Start position
-            count: Number of messages to read
+            count: Number of messages to read (None: all)
             conn: Connection to read with; a new one is used when not given.
         """
         with self._connection(conn) as c:

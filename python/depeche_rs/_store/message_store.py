@@ -31,7 +31,7 @@ from .._interfaces import (
     stored_message,
 )
 from .._projection.aggregated_stream import AggregatedStreamFactory
-from .storage import Storage, as_uuid
+from .storage import Storage, as_uuid, check_write
 
 E = TypeVar("E", bound=MessageProtocol)
 T = TypeVar("T")
@@ -199,15 +199,7 @@ class MessageStore(Generic[E]):
         `expected_version` applies to the stream before the first message. Returns the
         position of the last message.
         """
-        _names.validate_stream(stream)
-        if expected_version is not None and (
-            not isinstance(expected_version, int) or isinstance(expected_version, bool)
-        ):
-            raise TypeError(f"expected_version must be an int or None, got {expected_version!r}")
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise TypeError("messages must be a sequence of messages")
-        if not messages:
-            raise ValueError("write_many needs at least one message")
+        check_write(stream, expected_version, messages, "write_many")
         pairs, times = self._encode(messages)
         return self._in_transaction(
             conn,

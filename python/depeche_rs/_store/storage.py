@@ -160,15 +160,7 @@ class Storage:
             InvalidMessageError: an id is not a UUID, or an item not a pair.
             SerializationError: a message is not a JSON object PostgreSQL can store.
         """
-        _names.validate_stream(stream)
-        if expected_version is not None and (
-            not isinstance(expected_version, int) or isinstance(expected_version, bool)
-        ):
-            raise TypeError(f"expected_version must be an int or None, got {expected_version!r}")
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise TypeError("messages must be a sequence of (message_id, message) pairs")
-        if not messages:
-            raise ValueError("add_all needs at least one message")
+        check_write(stream, expected_version, messages, "add_all")
         ids, bodies = _encode_pairs(messages)
         times = _message_times(message_times, len(ids))
         params = (ids, stream, bodies, times, expected_version)
@@ -275,6 +267,20 @@ class Storage:
     def migrate_db_objects(cls, name: str, conn: _sa.Connection) -> None:
         """Apply `get_migration_ddl(name)` inside the caller's transaction."""
         execute_script(conn, cls.get_migration_ddl(name))
+
+
+def check_write(stream: Any, expected_version: Any, messages: Any, caller: str) -> None:
+    """What every write checks before encoding anything: the stream's name, an int (or no)
+    expected version, a non-empty sequence of messages."""
+    _names.validate_stream(stream)
+    if expected_version is not None and (
+        not isinstance(expected_version, int) or isinstance(expected_version, bool)
+    ):
+        raise TypeError(f"expected_version must be an int or None, got {expected_version!r}")
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TypeError(f"{caller} takes a sequence of messages")
+    if not messages:
+        raise ValueError(f"{caller} needs at least one message")
 
 
 def as_uuid(value: Any) -> _uuid.UUID:

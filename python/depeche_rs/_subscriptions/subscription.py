@@ -195,22 +195,20 @@ class Subscription(Generic[E]):
 
     def _run_start_point(self) -> None:
         provider = self._state_provider
-        if isinstance(provider, DbSubscriptionStateProvider):
-            # The start positions and the "initialized" mark commit together.
-            with connect(provider.engine) as conn:
-                session = provider.session(conn=conn)
-                if self._start_point is not None:
-                    self._start_point.init_state(
-                        subscription_name=self.name, stream=self._stream, state_provider=session
-                    )
-                session.initialize(self.name)
-                conn.commit()
+        if not isinstance(provider, DbSubscriptionStateProvider):
+            self._start(provider)
             return
+        # The start positions and the "initialized" mark commit together.
+        with connect(provider.engine) as conn:
+            self._start(provider.session(conn=conn))
+            conn.commit()
+
+    def _start(self, state: SubscriptionStateProvider) -> None:
         if self._start_point is not None:
             self._start_point.init_state(
-                subscription_name=self.name, stream=self._stream, state_provider=provider
+                subscription_name=self.name, stream=self._stream, state_provider=state
             )
-        provider.initialize(self.name)
+        state.initialize(self.name)
 
     def get_next_message_batch(self, count: int) -> SubscriptionMessageBatch[E] | None:
         """Lock the next partition with unread messages and return up to `count` of them.

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .._db.connection import connect, libpq_dsn, to_engine
+from .._db.schema import lock_sql
 from .._interfaces import SubscriptionState
 from .._names import subscription_table, validate_name
 
@@ -61,10 +62,7 @@ class DbSubscriptionStateProvider:
         self._initialized: set[str] = set()
         self._mutex = threading.Lock()
         with connect(self._engine) as conn:
-            conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
-                {"k": "depeche_rs:" + self.table},
-            )
+            conn.exec_driver_sql(lock_sql(self.table))
             conn.exec_driver_sql(_ddl(self.table))
             conn.commit()
 
