@@ -6,7 +6,9 @@
 Creates a store and an aggregated stream through the library (`dxb_prof*` tables), seeds the
 backlog in SQL as `run.py` does, takes a CHECKPOINT, then projects it one batch per call
 and prints: the throughput, batch times per tenth of the run, the client's CPU time, the
-WAL written (records, full-page images, bytes) and the checkpoints during the run, and,
+WAL written (records, full-page images, bytes) and the checkpoints during the run, the
+CPU time the server's processes used (when the server runs on this host: unlike wall time,
+it does not grow when other work shares the cores), and,
 unless `--no-sample`, what the projector's server process was doing (statement and wait
 event from `pg_stat_activity`, sampled every 5 ms). For the time of each statement on the
 server, run it against a database with `log_min_duration_statement = 0` and sum the log.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import resource
 import statistics
 import sys
@@ -70,6 +73,27 @@ def counters(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
     return (*wal, *checkpoints)
 
 
+def server_cpu(conn: psycopg.Connection[Any]) -> float | None:
+    """CPU seconds used so far by the server's processes (the postmaster's children, live
+    and exited), or None when the server is not a process of this host."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    try:
+        status = Path(f"/proc/{row[0]}/status").read_text()
+        postmaster = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
+        stat = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(stat[13]) + int(stat[14]) + int(stat[15]) + int(stat[16])  # incl. children
+        for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+            try:
+                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+    except (OSError, StopIteration, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     args = parse_args()
     dsn = database.plain_dsn(args.dsn or database.resolve_dsn(None)[0])
@@ -99,6 +123,7 @@ def main() -> None:
     if not args.no_sample:
         sampler.start()
     before = counters(conn)
+    server_before = server_cpu(conn)
     batches: list[float] = []
     total = 0
     started, cpu = time.perf_counter(), time.process_time()
@@ -111,6 +136,7 @@ def main() -> None:
             break
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     after = counters(conn)
+    server_after = server_cpu(conn)
     stop.set()
     if not args.no_sample:
         sampler.join()
@@ -123,6 +149,9 @@ def main() -> None:
         f" {len(batches)} batches; client CPU {cpu:.1f}s, peak RSS"
         f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
     )
+    if server_before is not None and server_after is not None:
+        server = server_after - server_before
+        print(f"server CPU {server:.1f}s: {server / max(total, 1) * 1e6:.1f} us per message")
     print(
         f"WAL: {records:,} records, {fpi:,} full-page images, {float(wal_bytes) / 1e6:,.0f} MB;"
         f" checkpoints: {timed} timed, {requested} requested"

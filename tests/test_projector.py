@@ -134,7 +134,7 @@ def test_wildcards_follow_like_semantics(
 
 
 def test_notifications_one_per_partition_with_partition_and_position(
-    store: Store, stream_name: str, dsn: str
+    store: Store, stream_name: str, dsn: str, engine: sa.Engine
 ) -> None:
     agg = store.aggregated_stream(stream_name, StreamHashPartitioner(3), ["acc-%"])
     with psycopg.connect(dsn, autocommit=True) as listener:
@@ -142,9 +142,26 @@ def test_notifications_one_per_partition_with_partition_and_position(
         for i in range(30):
             store.write(f"acc-{i}", AccountCreated(account=i))
         agg.projector.update_full()
-        payloads = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
+        texts = [n.payload for n in listener.notifies(timeout=1.0)]
+    payloads = [json.loads(t) for t in texts]
     maxpos = agg.get_max_aggregated_stream_positions()
     assert sorted((p["partition"], p["position"]) for p in payloads) == sorted(maxpos.items())
+    # Byte for byte what depeche-db's trigger (json_build_object) sends, naming the
+    # message at the partition's highest position.
+    with engine.connect() as conn:
+        at = dict(
+            conn.execute(
+                sa.text(
+                    f"SELECT partition, message_id FROM depeche_stream_{stream_name} AS a "
+                    "WHERE position = (SELECT max(position) FROM "
+                    f"depeche_stream_{stream_name} AS b WHERE b.partition = a.partition)"
+                )
+            ).all()
+        )
+    assert sorted(texts) == sorted(
+        f'{{"message_id" : "{at[p]}", "partition" : {p}, "position" : {q}}}'
+        for p, q in maxpos.items()
+    )
     assert agg.notification_channel == f"depeche_{stream_name}_messages"
     assert agg.projector.notification_channel == f"depeche_{store.name}_messages"
 

@@ -328,3 +328,60 @@ def test_forked_child_projects_with_a_fresh_runtime(
         store.write(f"acc-{i}", AccountCreated(account=i))
     assert agg.projector.update_full() == (5, False)
     assert len(check_invariants(engine, store.name, stream_name)) == 25
+
+
+def _read_ahead(agg: Any) -> tuple[int, int]:
+    """(used, discarded) of the projector's read-ahead (docs/projector.md)."""
+    counts: tuple[int, int] = agg.projector._get_native().read_ahead_counts()
+    return counts
+
+
+def test_read_ahead_with_late_commits_and_an_overlapping_projector_loses_nothing(
+    store: Store, stream_name: str, engine: sa.Engine, serializer: Any
+) -> None:
+    # Two projectors of the same aggregated stream with overlapping wildcards take turns
+    # batch by batch while writers commit, one of them late: each reads its next batch
+    # ahead while writing the current one, and finds rows the other inserted meanwhile.
+    for i in range(400):
+        store.write(f"acc-{i % 37}", Deposited(account=i, amount=i))
+    wide = store.aggregated_stream(
+        stream_name, StreamHashPartitioner(5), ["acc-%"], update_batch_size=20
+    )
+    narrow = MessageStore(store.name, engine, serializer).aggregated_stream(
+        stream_name, StreamHashPartitioner(5), ["acc-1%"], update_batch_size=20
+    )
+    with engine.connect() as slow:
+        store.write("acc-slow", Deposited(account=3, amount=-1), conn=slow)
+        for turn in range(30):
+            wide.projector.update_batch()
+            narrow.projector.update_batch()
+            store.write(f"acc-{turn % 11}", Deposited(account=turn, amount=turn))
+            if turn == 15:
+                slow.commit()
+    wide.projector.update_full()
+    narrow.projector.update_full()
+    rows = check_invariants(engine, store.name, stream_name, "acc-%")
+    assert len(rows) == 400 + 1 + 30
+    used, discarded = _read_ahead(wide)
+    assert used > 0, "the catch-up never read ahead"
+    assert discarded > 0, "the other projector's rows never sent a batch back"
+
+
+def test_read_ahead_is_thrown_away_when_the_projection_is_deleted(
+    store: Store, stream_name: str, engine: sa.Engine
+) -> None:
+    for i in range(300):
+        store.write(f"acc-{i % 13}", Deposited(account=i, amount=i))
+    agg = store.aggregated_stream(
+        stream_name, StreamNamePartitioner(), ["acc-%"], update_batch_size=25
+    )
+    for _ in range(3):
+        assert agg.projector.update_batch() == (25, True)
+    with engine.begin() as conn:
+        # As our truncate() does: the positions start again from 0.
+        conn.exec_driver_sql(f"DELETE FROM depeche_stream_{stream_name}")
+        conn.exec_driver_sql(f"DELETE FROM depeche_stream_{stream_name}_maxpos")
+    agg.projector.update_full()
+    assert _read_ahead(agg)[1] >= 1
+    rows = check_invariants(engine, store.name, stream_name, "acc-%")
+    assert len(rows) == 300

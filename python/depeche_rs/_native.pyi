@@ -27,7 +27,7 @@ def hash_mod_partition(stream: str, n: int) -> int:
 
 @final
 class Projector:
-    """One aggregated stream's projector, holding one connection."""
+    """One aggregated stream's projector: one connection, a second one to read ahead."""
 
     def __new__(
         cls,
@@ -47,8 +47,10 @@ class Projector:
         max_batches: int | None = None,
     ) -> tuple[int, bool, bool]:
         """Project batches; returns (projected, more, locked)."""
+    def read_ahead_counts(self) -> tuple[int, int]:
+        """(used, discarded): batches whose candidates were read ahead, read-aheads dropped."""
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
 
 @final
 class BatchRow:

@@ -36,6 +36,35 @@ pub struct PendingBatch {
     snapshot: String,
     home: CursorHome,
     more: bool,
+    /// Whether its *above* rows were read ahead on the second connection.
+    read_ahead: bool,
+    /// What the next batch reads, when it can be read ahead while this one is written.
+    next: Option<NextRead>,
+}
+
+/// The next batch's *above* query: a single group's wildcards, the cursor this batch
+/// writes for them, and the window.
+#[derive(Debug, Clone)]
+struct NextRead {
+    wildcards: Vec<String>,
+    cursor: Cursor,
+    window: i64,
+}
+
+/// A next batch's *above* candidates, read on the second connection in a snapshot of its
+/// own while the batch before was written (docs/projector.md, "Reading ahead").
+struct ReadAhead {
+    read: NextRead,
+    snapshot: String,
+    max_visible: Option<i64>,
+    rows: Vec<OriginRow>,
+}
+
+/// The second connection, which reads the next batch's candidates during a catch-up.
+struct Reader {
+    client: Client,
+    read_state: Statement,
+    candidates_above: Statement,
 }
 
 impl PendingBatch {
@@ -81,7 +110,6 @@ struct Statements {
     candidates_above: Statement,
     candidates_late: Statement,
     next_position: Statement,
-    reserve_positions: Statement,
     insert_rows: Statement,
     upsert_cursors: Statement,
 }
@@ -95,6 +123,15 @@ pub struct Projector {
     /// The key of the projector mutex while this session holds it.
     mutex: Option<i64>,
     window: i64,
+    dsn: String,
+    /// The second connection, opened at the first catch-up; `None` after it failed.
+    reader: Option<Reader>,
+    reader_failed: bool,
+    /// The next batch's candidates, read while the last batch was written.
+    ahead: Option<ReadAhead>,
+    /// Batches whose candidates were read ahead, and read-aheads thrown away.
+    read_ahead_used: u64,
+    read_ahead_discarded: u64,
 }
 
 impl Projector {
@@ -117,7 +154,36 @@ impl Projector {
             in_transaction: false,
             mutex: None,
             window,
+            dsn: dsn.to_owned(),
+            reader: None,
+            reader_failed: false,
+            ahead: None,
+            read_ahead_used: 0,
+            read_ahead_discarded: 0,
         })
+    }
+
+    /// How many batches used candidates read ahead, and how many read-aheads were thrown
+    /// away (the cursor moved meanwhile, or the batch that used one failed and ran again).
+    #[must_use]
+    pub fn read_ahead_counts(&self) -> (u64, u64) {
+        (self.read_ahead_used, self.read_ahead_discarded)
+    }
+
+    /// The second connection, opened on first use. A failure to open it is not an error:
+    /// the projector reads each batch on its own connection instead, as it does outside a
+    /// catch-up.
+    async fn reader(&mut self) -> Option<&Reader> {
+        if self.reader.as_ref().is_some_and(|r| r.client.is_closed()) {
+            self.reader = None;
+        }
+        if self.reader.is_none() && !self.reader_failed {
+            match open_reader(&self.config, &self.dsn).await {
+                Ok(reader) => self.reader = Some(reader),
+                Err(_) => self.reader_failed = true,
+            }
+        }
+        self.reader.as_ref()
     }
 
     async fn prepare(&self) -> Result<Statements> {
@@ -138,8 +204,7 @@ impl Projector {
             prepare(sql::candidates_late(t)),
             prepare(sql::next_position(t)),
         )?;
-        let (reserve_positions, insert_rows, upsert_cursors) = tokio::try_join!(
-            prepare(sql::reserve_positions(t)),
+        let (insert_rows, upsert_cursors) = tokio::try_join!(
             prepare(sql::insert_rows(t)),
             prepare(sql::upsert_cursors(t)),
         )?;
@@ -149,7 +214,6 @@ impl Projector {
             candidates_above,
             candidates_late,
             next_position,
-            reserve_positions,
             insert_rows,
             upsert_cursors,
         })
@@ -163,17 +227,41 @@ impl Projector {
 
     /// Open a batch: `Ok(None)` when another projector holds the stream's lock.
     pub async fn begin_batch(&mut self) -> Result<Option<PendingBatch>> {
+        self.begin(false).await
+    }
+
+    /// Open a batch, using the candidates read ahead if `use_ahead` and they still hold.
+    async fn begin(&mut self, use_ahead: bool) -> Result<Option<PendingBatch>> {
+        let ahead = self.ahead.take();
+        let ahead = if use_ahead {
+            ahead
+        } else {
+            self.read_ahead_discarded += u64::from(ahead.is_some());
+            None
+        };
         if self.in_transaction || self.mutex.is_some() {
             self.abort().await;
         }
         self.in_transaction = true;
         let t = &self.config.tables;
         let (mutex_sql, begin_sql) = (sql::try_mutex(t), sql::begin(t));
-        // Polled together so the driver pipelines them, mutex first.
-        let (mutex, begun) = tokio::join!(
-            self.client.simple_query(&mutex_sql),
-            self.client.batch_execute(&begin_sql)
-        );
+        // Polled together so the driver pipelines them, mutex first. Once the statements
+        // are prepared, the batch's first reads go in the same flight: when the mutex or
+        // the lock was not taken their results are dropped with the transaction.
+        let (mutex, begun, state) = if let Some(st) = &self.statements {
+            let (mutex, begun, state) = tokio::join!(
+                self.client.simple_query(&mutex_sql),
+                self.client.batch_execute(&begin_sql),
+                self.read_state(st)
+            );
+            (mutex, begun, Some(state))
+        } else {
+            let (mutex, begun) = tokio::join!(
+                self.client.simple_query(&mutex_sql),
+                self.client.batch_execute(&begin_sql)
+            );
+            (mutex, begun, None)
+        };
         let row = match mutex {
             Ok(messages) => mutex_row(&messages),
             Err(e) => {
@@ -205,7 +293,7 @@ impl Projector {
                 return Err(Error::from_pg("locking the aggregated stream", e));
             }
         }
-        match self.read_batch().await {
+        match self.read_batch(state, ahead).await {
             Ok(batch) => Ok(Some(batch)),
             Err(e) => {
                 self.abort().await;
@@ -214,7 +302,22 @@ impl Projector {
         }
     }
 
-    async fn read_batch(&mut self) -> Result<PendingBatch> {
+    /// Reads the batch's candidates; `state` is the batch's first read when it was
+    /// pipelined with the transaction's start.
+    ///
+    /// `ahead` is used when the batch has the one group it was read for, at the cursor
+    /// and window it was read for: then nobody moved the cursors since the batch that
+    /// wrote them (a `DELETE` or `TRUNCATE` deletes them, another projector with these
+    /// wildcards moves them), and its snapshot, taken after that batch's, stands in for
+    /// this batch's in the *above* query, the highest visible position and the cursors
+    /// written. The *late* query still runs in this batch's snapshot, which sees at least
+    /// what the read-ahead's did. Rows another projector inserted since are refused by the
+    /// primary key, and the batch runs again without the read-ahead.
+    async fn read_batch(
+        &mut self,
+        state: Option<Result<(State, Vec<CursorGroup>)>>,
+        ahead: Option<ReadAhead>,
+    ) -> Result<PendingBatch> {
         if self.statements.is_none() {
             self.statements = Some(self.prepare().await?);
         }
@@ -223,11 +326,44 @@ impl Projector {
                 "projector statements are not prepared".into(),
             ));
         };
-        let (state, groups) = self.read_state(st).await?;
+        let (mut state, groups) = match state {
+            Some(state) => state?,
+            None => self.read_state(st).await?,
+        };
+        let ahead = match ahead {
+            Some(a)
+                if groups.len() == 1
+                    && !groups[0].rewrite
+                    && groups[0].wildcards == a.read.wildcards
+                    && groups[0].cursor == a.read.cursor
+                    && self.window == a.read.window =>
+            {
+                Some(a)
+            }
+            Some(_) => {
+                self.read_ahead_discarded += 1;
+                None
+            }
+            None => None,
+        };
+        let read_ahead = ahead.is_some();
         let mut fetched = Vec::with_capacity(groups.len());
-        for group in &groups {
-            fetched.push(self.fetch_group(st, group, &state.snapshot).await?);
+        let mut cursor_snapshot = state.snapshot.clone();
+        let mut max_visible = state.max_visible;
+        if let Some(a) = ahead {
+            self.read_ahead_used += 1;
+            fetched.push(
+                self.fetch_group(st, &groups[0], &state.snapshot, Some(a.rows))
+                    .await?,
+            );
+            cursor_snapshot = a.snapshot;
+            max_visible = a.max_visible;
+        } else {
+            for group in &groups {
+                fetched.push(self.fetch_group(st, group, &state.snapshot, None).await?);
+            }
         }
+        state.max_visible = max_visible;
         let limit = self.config.batch_size;
         let empty_windows: Vec<bool> = fetched.iter().map(|f| f.above.is_empty()).collect();
         let mut merged = merge(&groups, fetched, self.window, limit, state.max_visible);
@@ -240,7 +376,7 @@ impl Projector {
         for (group, position) in groups.iter().zip(&merged.positions) {
             write_cursors |= group.rewrite
                 || *position != group.cursor.position
-                || snapshot_stale(group.cursor.snapshot.as_deref(), &state.snapshot);
+                || snapshot_stale(group.cursor.snapshot.as_deref(), &cursor_snapshot);
             for w in &group.wildcards {
                 cursor_wildcards.push(w.clone());
                 cursor_positions.push(*position);
@@ -252,14 +388,25 @@ impl Projector {
         } else {
             (limit as i64).clamp(MIN_WINDOW, MAX_WINDOW)
         };
+        // A catch-up of one group: its next batch is read while this one is written.
+        let next = (groups.len() == 1 && merged.more && write_cursors).then(|| NextRead {
+            wildcards: groups[0].wildcards.clone(),
+            cursor: Cursor {
+                position: merged.positions[0],
+                snapshot: Some(cursor_snapshot.clone()),
+            },
+            window: self.window,
+        });
         Ok(PendingBatch {
             rows: merged.rows,
             cursor_wildcards,
             cursor_positions,
             write_cursors,
-            snapshot: state.snapshot,
+            snapshot: cursor_snapshot,
             home: state.home,
             more: merged.more,
+            read_ahead,
+            next,
         })
     }
 
@@ -333,12 +480,14 @@ impl Projector {
         Ok(())
     }
 
-    /// Run one group's two candidate queries (pipelined).
+    /// Run one group's two candidate queries (pipelined), or only the *late* one when
+    /// the *above* rows were read ahead.
     async fn fetch_group(
         &self,
         st: &Statements,
         group: &CursorGroup,
         now: &str,
+        ahead: Option<Vec<OriginRow>>,
     ) -> Result<GroupRows> {
         let limit = self.config.batch_size as i64;
         let need_bodies = self.config.partitioner.is_none();
@@ -351,7 +500,17 @@ impl Projector {
             &limit,
             &need_bodies,
         ];
-        let above = self.client.query(&st.candidates_above, &above_params);
+        let above = async {
+            match ahead {
+                Some(rows) => Ok(rows),
+                None => self
+                    .client
+                    .query(&st.candidates_above, &above_params)
+                    .await
+                    .map(origin_rows)
+                    .map_err(|e| Error::from_pg("selecting new messages", e)),
+            }
+        };
         let late = async {
             let Some(snapshot) = &group.cursor.snapshot else {
                 return Ok(Vec::new());
@@ -377,7 +536,7 @@ impl Projector {
                 .map_err(|e| Error::from_pg("selecting late messages", e))
         };
         let (above, late) = tokio::join!(above, late);
-        let above = origin_rows(above.map_err(|e| Error::from_pg("selecting new messages", e))?);
+        let above = above?;
         let late = origin_rows(late?);
         let size = self.config.batch_size;
         Ok(GroupRows {
@@ -439,30 +598,22 @@ impl Projector {
             ));
         };
         let n = batch.rows.len();
-        let mut next = if n > 0 {
-            self.reserve_positions(st, assignments).await?
-        } else {
-            HashMap::new()
-        };
+        let (partitions, sizes, offsets) = reservations(assignments);
         let mut ids = Vec::with_capacity(n);
         let mut streams = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
         let mut parts = Vec::with_capacity(n);
-        let mut positions = Vec::with_capacity(n);
         let mut occurred = Vec::with_capacity(n);
         let mut globals = Vec::with_capacity(n);
         let mut added = Vec::with_capacity(n);
         for (row, a) in batch.rows.iter().zip(assignments) {
-            let slot = next.entry(a.partition).or_insert(0);
             ids.push(row.message_id);
             streams.push(row.stream.as_str());
             versions.push(row.version);
             parts.push(a.partition);
-            positions.push(*slot);
             occurred.push(a.occurred_at);
             globals.push(row.global_position);
             added.push(row.added_at);
-            *slot += 1;
         }
 
         let insert = async {
@@ -471,8 +622,16 @@ impl Projector {
                     .execute(
                         &st.insert_rows,
                         &[
-                            &ids, &streams, &versions, &parts, &positions, &occurred, &globals,
+                            &ids,
+                            &streams,
+                            &versions,
+                            &parts,
+                            &offsets,
+                            &occurred,
+                            &globals,
                             &added,
+                            &partitions,
+                            &sizes,
                         ],
                     )
                     .await
@@ -498,60 +657,33 @@ impl Projector {
             }
             Ok::<(), Error>(())
         };
-        // Polled together so the driver pipelines the two statements. Both are awaited:
-        // once one fails the other fails with "transaction is aborted", which must not
-        // hide the first error.
-        let (inserted, moved) = tokio::join!(insert, cursor);
-        first_real_error([inserted, moved])?;
         // The mutex is released after the commit, in its own request: it runs even if
         // the commit fails, and nobody can take the mutex before the batch is visible.
         let release = self.mutex.take().map(sql::release_mutex);
-        let (committed, released) = tokio::join!(self.client.batch_execute("COMMIT"), async {
+        let released = async {
             match &release {
                 Some(q) => self.client.simple_query(q).await.map(drop),
                 None => Ok(()),
             }
-        });
+        };
+        // Polled together so the driver sends the four requests in one flight. Each is
+        // awaited: after a failed statement the next ones fail with "transaction is
+        // aborted", which must not hide the first error, and the server answers the
+        // `COMMIT` of an aborted transaction with a rollback, not an error, so the
+        // statements' own results decide whether the batch was written.
+        let (inserted, moved, committed, released) = tokio::join!(
+            insert,
+            cursor,
+            self.client.batch_execute("COMMIT"),
+            released
+        );
+        first_real_error([inserted, moved])?;
         committed.map_err(|e| Error::from_pg("committing the batch", e))?;
         released.map_err(|e| Error::from_pg("releasing the projector's lock", e))?;
         Ok(BatchOutcome {
             projected: n,
             more: batch.more,
         })
-    }
-
-    /// Reserve positions in each partition the assignments use: one upsert of
-    /// `_maxpos` that adds each partition's count and returns its new maximum. Returns
-    /// the first position of each partition. One statement instead of a read and a
-    /// write: each partition's row is found once per batch, which matters while a
-    /// transaction held open elsewhere keeps its dead versions.
-    async fn reserve_positions(
-        &self,
-        st: &Statements,
-        assignments: &[Assignment],
-    ) -> Result<HashMap<i64, i64>> {
-        let mut counts: HashMap<i64, i64> = HashMap::new();
-        for a in assignments {
-            *counts.entry(a.partition).or_insert(0) += 1;
-        }
-        let mut partitions: Vec<i64> = counts.keys().copied().collect();
-        partitions.sort_unstable();
-        let sizes: Vec<i64> = partitions.iter().map(|p| counts[p]).collect();
-        let rows = self
-            .client
-            .query(&st.reserve_positions, &[&partitions, &sizes])
-            .await
-            .map_err(|e| Error::from_pg("reserving partition positions", e))?;
-        let mut first = HashMap::with_capacity(rows.len());
-        for r in rows {
-            let partition: i64 = r.get(0);
-            let max: i64 = r.get(1);
-            first.insert(
-                partition,
-                max - counts.get(&partition).copied().unwrap_or(0) + 1,
-            );
-        }
-        Ok(first)
     }
 
     /// Roll back an open batch; errors are ignored because the server discards the
@@ -569,26 +701,142 @@ impl Projector {
     /// Run one batch with the built-in partitioner for rows whose message time is known.
     /// Returns `Ok(None)` when locked, `Err` on failure, and hands back the batch when some
     /// rows need the caller (no partitioner configured, or a row without a message time).
+    ///
+    /// During a catch-up (one group of wildcards, more rows waiting) the next batch's
+    /// candidates are read on a second connection while this batch is written, so the
+    /// server works on both at once. A batch that used them and failed runs again once
+    /// without them; so does one that needs the caller, which is handed a batch read on
+    /// this connection alone.
     pub async fn run_builtin_batch(&mut self) -> Result<BuiltinStep> {
-        let Some(batch) = self.begin_batch().await? else {
-            return Ok(BuiltinStep::Locked);
-        };
-        let Some(partitioner) = self.config.partitioner else {
-            return Ok(BuiltinStep::NeedsCaller(batch));
-        };
-        let mut assignments = Vec::with_capacity(batch.rows.len());
-        for row in &batch.rows {
-            let Some(occurred_at) = row.occurred_at else {
+        let mut use_ahead = true;
+        loop {
+            let Some(batch) = self.begin(use_ahead).await? else {
+                return Ok(BuiltinStep::Locked);
+            };
+            let assignments = self.config.partitioner.and_then(|partitioner| {
+                batch
+                    .rows
+                    .iter()
+                    .map(|row| {
+                        row.occurred_at.map(|occurred_at| Assignment {
+                            partition: partitioner.partition(&row.stream),
+                            occurred_at,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+            let Some(assignments) = assignments else {
+                if batch.read_ahead && use_ahead {
+                    self.read_ahead_discarded += 1;
+                    self.abort().await;
+                    use_ahead = false;
+                    continue;
+                }
                 return Ok(BuiltinStep::NeedsCaller(batch));
             };
-            assignments.push(Assignment {
-                partition: partitioner.partition(&row.stream),
-                occurred_at,
-            });
+            let read_ahead = batch.read_ahead;
+            match self.finish_reading_ahead(batch, &assignments).await {
+                Ok(outcome) => return Ok(BuiltinStep::Done(outcome)),
+                Err(_) if read_ahead && use_ahead => {
+                    self.read_ahead_discarded += 1;
+                    use_ahead = false;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let outcome = self.finish_batch(batch, &assignments).await?;
-        Ok(BuiltinStep::Done(outcome))
     }
+
+    /// `finish_batch`, with the next batch's candidates read meanwhile when it has some.
+    async fn finish_reading_ahead(
+        &mut self,
+        batch: PendingBatch,
+        assignments: &[Assignment],
+    ) -> Result<BatchOutcome> {
+        let Some(next) = batch.next.clone() else {
+            return self.finish_batch(batch, assignments).await;
+        };
+        if self.reader().await.is_none() {
+            return self.finish_batch(batch, assignments).await;
+        }
+        let reader = self.reader.take();
+        let limit = self.config.batch_size as i64;
+        let need_bodies = self.config.partitioner.is_none();
+        let sequence = self.config.tables.sequence.clone();
+        let (outcome, ahead) = tokio::join!(self.finish_batch(batch, assignments), async {
+            match &reader {
+                Some(r) => Some(read_ahead(r, next, &sequence, limit, need_bodies).await),
+                None => None,
+            }
+        });
+        self.reader = reader;
+        match ahead {
+            Some(Ok(ahead)) if outcome.is_ok() => self.ahead = Some(ahead),
+            Some(Err(_)) => self.reader = None,
+            _ => {}
+        }
+        outcome
+    }
+}
+
+/// Open the second connection and prepare what it reads.
+async fn open_reader(config: &ProjectorConfig, dsn: &str) -> Result<Reader> {
+    let name = format!(
+        "depeche-rs projector {} (reading ahead)",
+        config.tables.stream
+    );
+    let client = connect(dsn, &name).await?;
+    client
+        .batch_execute("SET plan_cache_mode = force_custom_plan")
+        .await
+        .map_err(|e| Error::from_pg("configuring the projector's second session", e))?;
+    let t = &config.tables;
+    let (state_sql, above_sql) = (sql::read_state(t), sql::candidates_above(t));
+    let (read_state, candidates_above) =
+        tokio::try_join!(client.prepare(&state_sql), client.prepare(&above_sql),)
+            .map_err(|e| Error::from_pg("preparing the projector's read-ahead", e))?;
+    Ok(Reader {
+        client,
+        read_state,
+        candidates_above,
+    })
+}
+
+/// Read the next batch's *above* candidates in a read-only repeatable-read transaction
+/// of the second connection: its snapshot, the highest position visible in it, the rows.
+async fn read_ahead(
+    reader: &Reader,
+    read: NextRead,
+    sequence: &str,
+    limit: i64,
+    need_bodies: bool,
+) -> Result<ReadAhead> {
+    let end = read.cursor.position.saturating_add(read.window);
+    let client = &reader.client;
+    let state_params: [&(dyn ToSql + Sync); 1] = [&sequence];
+    let above_params: [&(dyn ToSql + Sync); 5] = [
+        &read.cursor.position,
+        &end,
+        &read.wildcards,
+        &limit,
+        &need_bodies,
+    ];
+    let (begun, state, rows, ended) = tokio::join!(
+        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        client.query_one(&reader.read_state, &state_params),
+        client.query(&reader.candidates_above, &above_params),
+        client.batch_execute("COMMIT"),
+    );
+    let failed = |e| Error::from_pg("reading the next batch ahead", e);
+    begun.map_err(failed)?;
+    let state = state.map_err(failed)?;
+    let rows = rows.map_err(failed)?;
+    ended.map_err(failed)?;
+    Ok(ReadAhead {
+        read,
+        snapshot: state.get(0),
+        max_visible: state.get(1),
+        rows: origin_rows(rows),
+    })
 }
 
 /// Result of [`Projector::run_builtin_batch`].
@@ -600,6 +848,30 @@ pub enum BuiltinStep {
     Done(BatchOutcome),
     /// The caller must assign (some) rows, then call `finish_batch` or `abort`.
     NeedsCaller(PendingBatch),
+}
+
+/// What the batch reserves: each partition it uses once (ascending, so concurrent
+/// upserts would lock `_maxpos` rows in one order) with its number of rows, and for each
+/// row its offset from its partition's new maximum: the first of `k` rows in a partition
+/// gets `-(k - 1)`, the last `0`, so a partition's rows keep the batch's order.
+fn reservations(assignments: &[Assignment]) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+    let mut counts: HashMap<i64, i64> = HashMap::new();
+    for a in assignments {
+        *counts.entry(a.partition).or_insert(0) += 1;
+    }
+    let mut seen: HashMap<i64, i64> = HashMap::with_capacity(counts.len());
+    let offsets = assignments
+        .iter()
+        .map(|a| {
+            let k = seen.entry(a.partition).or_insert(0);
+            *k += 1;
+            *k - counts[&a.partition]
+        })
+        .collect();
+    let mut partitions: Vec<i64> = counts.keys().copied().collect();
+    partitions.sort_unstable();
+    let sizes = partitions.iter().map(|p| counts[p]).collect();
+    (partitions, sizes, offsets)
 }
 
 /// The first error that is not a consequence of an earlier one in the same transaction.
@@ -669,7 +941,25 @@ fn origin_rows(rows: Vec<tokio_postgres::Row>) -> Vec<OriginRow> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_sequence;
+    use super::{check_sequence, reservations, Assignment};
+
+    #[test]
+    fn reservations_count_each_partition_and_keep_the_batch_order() {
+        let at = chrono::NaiveDateTime::default();
+        let rows: Vec<Assignment> = [7, 3, 7, 7, 3, 9]
+            .iter()
+            .map(|&partition| Assignment {
+                partition,
+                occurred_at: at,
+            })
+            .collect();
+        let (partitions, sizes, offsets) = reservations(&rows);
+        assert_eq!(partitions, vec![3, 7, 9]);
+        assert_eq!(sizes, vec![2, 3, 1]);
+        // Partition 7's rows land at max-2, max-1, max; 3's at max-1, max; 9's at max.
+        assert_eq!(offsets, vec![-2, -1, -1, 0, 0, 0]);
+        assert_eq!(reservations(&[]), (vec![], vec![], vec![]));
+    }
 
     #[test]
     fn caching_and_descending_sequences_are_refused() {

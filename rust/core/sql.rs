@@ -33,9 +33,17 @@ pub fn release_mutex(key: i64) -> String {
 /// conflicts with the `EXCLUSIVE` lock depeche-db's projector (and depeche-rs 0.1.0's)
 /// takes for the same purpose, so projectors of every kind exclude each other, and with
 /// nothing autovacuum takes.
+///
+/// The batch commits without waiting for its WAL flush (`synchronous_commit = off`). A
+/// server crash can lose the last batches committed that way, each whole with its
+/// cursors, and they are projected again after recovery: nothing is lost or doubled.
+/// Nothing that depends on them can outlive them either: WAL is one sequence, so a
+/// later commit that is durable (a handler's transaction, a synchronous acknowledgement)
+/// makes every batch committed before it durable, on this server and on a standby.
 pub fn begin(t: &TableNames) -> String {
     format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN ROW EXCLUSIVE MODE NOWAIT",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL synchronous_commit = off; \
+         LOCK TABLE {} IN ROW EXCLUSIVE MODE NOWAIT",
         t.stream
     )
 }
@@ -140,28 +148,35 @@ pub fn next_position(t: &TableNames) -> String {
     )
 }
 
-/// Reserve positions: `$1` partitions, `$2` how many rows each gets. Adds the counts
-/// to the partitions' maxima (a partition without a row starts at -1) and returns the
-/// new maxima, so the batch's rows take `max - count + 1 ..= max`.
-pub fn reserve_positions(t: &TableNames) -> String {
-    format!(
-        "INSERT INTO {} AS m (partition, max_position) \
-         SELECT p, n - 1 FROM unnest($1::int8[], $2::int8[]) AS u(p, n) \
-         ON CONFLICT (partition) DO UPDATE \
-             SET max_position = m.max_position + EXCLUDED.max_position + 1 \
-         RETURNING m.partition::int8, m.max_position::int8",
-        t.maxpos
-    )
-}
-
-/// Bulk insert of projected rows from arrays (one round trip per batch).
+/// Bulk insert of a batch's rows, with their positions reserved in the same statement.
+///
+/// `$1`-`$8` are the rows as arrays, in batch order, except that `$5` is not the
+/// position but its offset from the partition's new maximum (`-(k - 1) ..= 0` for a
+/// partition with `k` rows in the batch). `$9`/`$10` are each partition of the batch
+/// once and its number of rows. The `_maxpos` upsert adds the counts to the partitions'
+/// maxima (a partition without a row starts at -1) and returns the new maxima, so a row
+/// lands at `max + offset`. One statement, so the batch's writes, cursor and `COMMIT`
+/// go to the server in one flight. A row whose partition was not reserved would get a
+/// NULL position, which the column's `NOT NULL` refuses: it cannot be dropped silently.
 pub fn insert_rows(t: &TableNames) -> String {
     format!(
-        "INSERT INTO {} (message_id, origin_stream, origin_stream_version, partition, position, \
-                         message_occurred_at, origin_stream_global_position, origin_stream_added_at) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[], $5::int8[], \
-                              $6::timestamp[], $7::int8[], $8::timestamp[])",
-        t.stream
+        "WITH reserved AS ( \
+             INSERT INTO {maxpos} AS m (partition, max_position) \
+             SELECT p, n - 1 FROM unnest($9::int8[], $10::int8[]) AS u(p, n) \
+             ON CONFLICT (partition) DO UPDATE \
+                 SET max_position = m.max_position + EXCLUDED.max_position + 1 \
+             RETURNING m.partition, m.max_position::int8) \
+         INSERT INTO {agg} (message_id, origin_stream, origin_stream_version, partition, \
+                            position, message_occurred_at, origin_stream_global_position, \
+                            origin_stream_added_at) \
+         SELECT u.id, u.stream, u.version, u.p, r.max_position + u.off, u.occurred, u.global, \
+                u.added \
+           FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[], $5::int8[], \
+                       $6::timestamp[], $7::int8[], $8::timestamp[]) \
+                AS u(id, stream, version, p, off, occurred, global, added) \
+           LEFT JOIN reserved AS r ON r.partition = u.p",
+        maxpos = t.maxpos,
+        agg = t.stream,
     )
 }
 

