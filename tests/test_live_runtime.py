@@ -1,5 +1,5 @@
 """One live runtime: `depeche-rs project` and the `Executor` turn a notification into a
-projector pass through the same `LiveRuntime` (depeche_rs/_live.py)."""
+projector pass through the same `LiveRuntime` (depeche_rs/_runtime/live.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from depeche_rs._cli._logging import Console
 from depeche_rs._cli._loop import ProjectedStream, ProjectLoop
 from depeche_rs._cli._metrics import ProjectorMetrics
 from depeche_rs._cli._signals import StopSignal
-from depeche_rs._live import LiveRuntime
+from depeche_rs._runtime.live import LiveRuntime
 from depeche_rs.tools import StreamNamePartitioner
 
 from ._helpers import check_invariants

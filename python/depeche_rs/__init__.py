@@ -21,7 +21,6 @@ from ._exceptions import (
     SerializationError,
     UnsafeSequenceError,
 )
-from ._executor import Executor
 from ._interfaces import (
     AggregatedStreamMessage,
     CallMiddleware,
@@ -50,8 +49,9 @@ from ._interfaces import (
 )
 from ._native import __version__ as __version__
 from ._projection.aggregated_stream import AggregatedStream, AggregatedStreamFactory
+from ._projection.projector import FullUpdateResult, StreamProjector
 from ._projection.stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
-from ._projector import FullUpdateResult, StreamProjector
+from ._runtime.executor import Executor
 from ._store.message_store import MessageStore, MessageStoreReader
 from ._store.storage import Storage
 from ._subscriptions.ack import AckOp, AckRolledback, AckStrategy, NoAckOp

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._db.connection import libpq_form, redact, sqlalchemy_url
+from .._db.connection import libpq_form, sqlalchemy_url
 from .._exceptions import InvalidNameError, InvalidWildcardError
 from .._names import validate_name, validate_wildcards
-from .._projector import DEFAULT_BATCH_SIZE, builtin_partitioner
+from .._projection.projector import DEFAULT_BATCH_SIZE, builtin_partitioner
 from ..tools import StreamHashPartitioner, StreamNamePartitioner
 from ._json_messages import DEFAULT_TIME_FIELDS
 
@@ -273,9 +273,6 @@ def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = T
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return libpq_form(str(dsn))
-
-
-shown_dsn = redact  # the name `_project` imports
 
 
 def _stream_spec(

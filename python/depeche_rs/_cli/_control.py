@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Iterable
 
-from .._live import ListenConnection
+from .._runtime.live import ListenConnection
 from . import _catalog
 
 

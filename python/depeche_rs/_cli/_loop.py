@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 
 from .._exceptions import DatabaseConnectionError, DatabaseError
-from .._live import Backoff, LiveRuntime
-from .._projector import Resolve, StreamProjector
+from .._projection.projector import Resolve, StreamProjector
+from .._runtime.live import Backoff, LiveRuntime
 from . import _catalog, _stuck
 from ._config import ProjectSettings, StreamSpec
 from ._control import ControlConnection

@@ -20,11 +20,11 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from .._connection import to_engine
+from .._db.connection import redact, to_engine
 from .._exceptions import DatabaseConnectionError, DatabaseError, UnsafeSequenceError
-from .._message_store import MessageStore
+from .._store.message_store import MessageStore
 from . import _catalog
-from ._config import ProjectSettings, StreamSpec, shown_dsn
+from ._config import ProjectSettings, StreamSpec
 from ._control import ControlConnection
 from ._json_messages import JsonSerializer, json_resolver
 from ._logging import event, setup_logging
@@ -107,8 +107,8 @@ def run_project(settings: ProjectSettings) -> int:
             logging.INFO,
             "start",
             f"depeche-rs {_version()} projecting {len(settings.streams)} aggregated "
-            f"stream(s) on {shown_dsn(settings.dsn)}",
-            dsn=shown_dsn(settings.dsn),
+            f"stream(s) on {redact(settings.dsn)}",
+            dsn=redact(settings.dsn),
             streams=[s.stream for s in settings.streams],
         )
         engine = to_engine(settings.dsn)

@@ -22,9 +22,9 @@ from .._interfaces import (
     StreamPartitionStatistic,
     SubscriptionStartPoint,
 )
-from .._projector import FullUpdateResult as FullUpdateResult  # depeche-db exports it from here
-from .._projector import StreamProjector
 from .._subscriptions.factory import SubscriptionFactory
+from .projector import FullUpdateResult as FullUpdateResult  # depeche-db exports it from here
+from .projector import StreamProjector
 from .stream_reader import AggregatedStreamReader, AsyncAggregatedStreamReader
 
 E = TypeVar("E", bound=MessageProtocol)

@@ -27,7 +27,7 @@ from ..tools._db_subscription_state_provider import DbSubscriptionStateProvider
 from .reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
 
 if TYPE_CHECKING:
-    from .. import _native
+    from .._native import ClaimedBatch
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -109,7 +109,7 @@ class DbSubscriptionReader(SubscriptionReader[E]):
 
     def _read(
         self, session: Session, partition: int, count: int
-    ) -> tuple[Lock, _native.ClaimedBatch] | Refused:
+    ) -> tuple[Lock, ClaimedBatch] | Refused:
         name = self.lock_name(partition)
         if not self._locks.claim(name):
             return REFUSED

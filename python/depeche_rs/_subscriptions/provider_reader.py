@@ -16,7 +16,7 @@ from .._interfaces import (
 from .reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
 
 if TYPE_CHECKING:
-    from .. import _native
+    from .._native import ClaimedBatch
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -54,7 +54,7 @@ class ProviderSubscriptionReader(SubscriptionReader[E]):
 
     def _read(
         self, session: Session, partition: int, count: int
-    ) -> tuple[Lock, _native.ClaimedBatch] | Refused:
+    ) -> tuple[Lock, ClaimedBatch] | Refused:
         name = self.lock_name(partition)
         if not self._lock_provider.lock(name):
             return REFUSED

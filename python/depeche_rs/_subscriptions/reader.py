@@ -2,7 +2,7 @@
 
 `SubscriptionReader` is the interface the subscription and its runners use, with what
 every reader shares: a `PartitionQueue` (fed by notification hints, refilled when it
-runs dry), one engine session (`_native.SubscriptionSession`) per reading thread, and
+runs dry), one engine session (`SubscriptionSession`) per reading thread, and
 turning a batch's rows into `StoredMessage`s. Two readers implement it:
 
 - `DbSubscriptionReader` (`_db_subscription_reader`), for the default providers: the
@@ -22,16 +22,16 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .. import _native
 from .._exceptions import SerializationError
 from .._interfaces import AggregatedStreamView, MessageProtocol, StoredMessage, stored_message
+from .._native import BatchRow, ClaimedBatch, SubscriptionSession
 from .partition_queue import PartitionQueue
 
 E = TypeVar("E", bound=MessageProtocol)
 
 logger = logging.getLogger("depeche_rs.subscription")
 
-Session = _native.SubscriptionSession
+Session = SubscriptionSession
 
 
 class Lock:
@@ -179,7 +179,7 @@ class SubscriptionReader(abc.ABC, Generic[E]):
     @abc.abstractmethod
     def _read(
         self, session: Session, partition: int, count: int
-    ) -> tuple[Lock, _native.ClaimedBatch] | Refused:
+    ) -> tuple[Lock, ClaimedBatch] | Refused:
         """Lock the partition and read its stored position and next rows."""
 
     @abc.abstractmethod
@@ -259,7 +259,7 @@ class SubscriptionReader(abc.ABC, Generic[E]):
         return Claim(partition, lock, session, entries, count, len(rows), rows[-1].position)
 
     def _decode(
-        self, partition: int, rows: list[_native.BatchRow]
+        self, partition: int, rows: list[BatchRow]
     ) -> tuple[list[tuple[int, StoredMessage[E]]], int | None]:
         """Deserialize rows into (position, StoredMessage) up to the first gap or failure.
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from types import FrameType
 
 from .._db.connection import libpq_form
-from .._executor import _Worker
 from .._interfaces import RunOnNotification
+from .._runtime.executor import _Worker
 from ..tools._pg_notification_listener import PgNotificationListener
 
 logger = logging.getLogger("depeche_rs.threaded_executor")

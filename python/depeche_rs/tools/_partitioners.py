@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from .. import _native
 from .._interfaces import MessageProtocol, StoredMessage
+from .._native import hash_mod_partition, stream_name_partition
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -18,7 +18,7 @@ class StreamNamePartitioner(Generic[E]):
 
     def get_partition(self, message: StoredMessage[E]) -> int:
         """The partition of `message`, from its stream name only."""
-        return _native.stream_name_partition(message.stream)
+        return stream_name_partition(message.stream)
 
 
 class StreamHashPartitioner(Generic[E]):
@@ -33,4 +33,4 @@ class StreamHashPartitioner(Generic[E]):
 
     def get_partition(self, message: StoredMessage[E]) -> int:
         """The partition of `message`, from its stream name only."""
-        return _native.hash_mod_partition(message.stream, self.partitions)
+        return hash_mod_partition(message.stream, self.partitions)

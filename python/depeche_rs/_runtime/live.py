@@ -23,7 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import psycopg
 from psycopg import sql
 
-from .tools._pg_notification_listener import to_pg_notification
+from ..tools._pg_notification_listener import to_pg_notification
 
 # The longest wait between two looks at the stop flag.
 _WAIT_CHUNK_S = 0.25

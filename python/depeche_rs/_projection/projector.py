@@ -14,9 +14,8 @@ import uuid as _uuid
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from . import _native
-from ._exceptions import PartitionerError, PoisonMessageError
-from ._interfaces import (
+from .._exceptions import PartitionerError, PoisonMessageError
+from .._interfaces import (
     AggregatedStreamView,
     MessagePartitioner,
     MessageProtocol,
@@ -24,8 +23,9 @@ from ._interfaces import (
     StoredMessage,
     TimeBudget,
 )
-from ._timings import Timings
-from .tools._partitioners import StreamHashPartitioner, StreamNamePartitioner
+from .._native import Projector as NativeProjector
+from .._timings import Timings
+from ..tools._partitioners import StreamHashPartitioner, StreamNamePartitioner
 
 E = TypeVar("E", bound=MessageProtocol)
 
@@ -121,7 +121,7 @@ class StreamProjector(Generic[E]):
         self.lookback_for_gaps_hours = lookback_for_gaps_hours
         self._builtin = builtin_partitioner(partitioner)
         self._lock = _threading.Lock()
-        self._native: _native.Projector | None = None
+        self._native: NativeProjector | None = None
         self.timings = Timings(enabled=False)
         stream.store._connection_owners.add(self.close)
 
@@ -184,10 +184,10 @@ class StreamProjector(Generic[E]):
             if self._native is not None:
                 self._native.close()
 
-    def _get_native(self) -> _native.Projector:
+    def _get_native(self) -> NativeProjector:
         if self._native is None:
             kind, modulus = self._builtin if self._builtin else (None, None)
-            self._native = _native.Projector(
+            self._native = NativeProjector(
                 self.stream.store.dsn,
                 self.stream.store.name,
                 self.stream.name,

@@ -1,0 +1,1 @@
+"""The live runtime: LISTEN, notifications dispatched to passes, the poll, reconnection."""
