@@ -73,6 +73,13 @@ impl PendingBatch {
     pub fn more(&self) -> bool {
         self.more
     }
+
+    /// Whether its candidates above the cursor were read ahead (a failure to finish it
+    /// is then retried once, see [`Projector::finish_batch`]).
+    #[must_use]
+    pub fn read_ahead(&self) -> bool {
+        self.read_ahead
+    }
 }
 
 /// The smallest and largest global-position window scanned per batch.
@@ -548,7 +555,7 @@ impl Projector {
     }
 
     /// Write the batch with the given assignments (one per row, in row order) and commit.
-    pub async fn finish_batch(
+    async fn write_and_commit(
         &mut self,
         batch: PendingBatch,
         assignments: &[Assignment],
@@ -705,8 +712,7 @@ impl Projector {
     /// During a catch-up (one group of wildcards, more rows waiting) the next batch's
     /// candidates are read on a second connection while this batch is written, so the
     /// server works on both at once. A batch that used them and failed runs again once
-    /// without them; so does one that needs the caller, which is handed a batch read on
-    /// this connection alone.
+    /// without them (a batch handed to the caller: see [`Projector::finish_batch`]).
     pub async fn run_builtin_batch(&mut self) -> Result<BuiltinStep> {
         let mut use_ahead = true;
         loop {
@@ -726,43 +732,51 @@ impl Projector {
                     .collect::<Option<Vec<_>>>()
             });
             let Some(assignments) = assignments else {
-                if batch.read_ahead && use_ahead {
-                    self.read_ahead_discarded += 1;
-                    self.abort().await;
-                    use_ahead = false;
-                    continue;
-                }
                 return Ok(BuiltinStep::NeedsCaller(batch));
             };
             let read_ahead = batch.read_ahead;
-            match self.finish_reading_ahead(batch, &assignments).await {
+            match self.finish_batch(batch, &assignments).await {
                 Ok(outcome) => return Ok(BuiltinStep::Done(outcome)),
-                Err(_) if read_ahead && use_ahead => {
-                    self.read_ahead_discarded += 1;
-                    use_ahead = false;
-                }
+                Err(_) if read_ahead && use_ahead => use_ahead = false,
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// `finish_batch`, with the next batch's candidates read meanwhile when it has some.
+    /// Write the batch with the given assignments (one per row, in row order) and commit;
+    /// during a catch-up, the next batch's candidates are read meanwhile. If it fails and
+    /// [`PendingBatch::read_ahead`] says it used candidates read ahead, the caller runs
+    /// the batch again (rows another projector inserted since are the likely cause, and
+    /// the next batch reads on this connection alone).
+    pub async fn finish_batch(
+        &mut self,
+        batch: PendingBatch,
+        assignments: &[Assignment],
+    ) -> Result<BatchOutcome> {
+        let read_ahead = batch.read_ahead;
+        let outcome = self.finish_reading_ahead(batch, assignments).await;
+        if outcome.is_err() && read_ahead {
+            self.read_ahead_discarded += 1;
+        }
+        outcome
+    }
+
     async fn finish_reading_ahead(
         &mut self,
         batch: PendingBatch,
         assignments: &[Assignment],
     ) -> Result<BatchOutcome> {
         let Some(next) = batch.next.clone() else {
-            return self.finish_batch(batch, assignments).await;
+            return self.write_and_commit(batch, assignments).await;
         };
         if self.reader().await.is_none() {
-            return self.finish_batch(batch, assignments).await;
+            return self.write_and_commit(batch, assignments).await;
         }
         let reader = self.reader.take();
         let limit = self.config.batch_size as i64;
         let need_bodies = self.config.partitioner.is_none();
         let sequence = self.config.tables.sequence.clone();
-        let (outcome, ahead) = tokio::join!(self.finish_batch(batch, assignments), async {
+        let (outcome, ahead) = tokio::join!(self.write_and_commit(batch, assignments), async {
             match &reader {
                 Some(r) => Some(read_ahead(r, next, &sequence, limit, need_bodies).await),
                 None => None,

@@ -92,7 +92,11 @@ impl Projector {
                 }
                 BuiltinStep::NeedsCaller(batch) => {
                     let more = batch.more();
-                    total += self.finish_with_python(py, batch, resolve.as_ref())?;
+                    match self.finish_with_python(py, batch, resolve.as_ref())? {
+                        Some(projected) => total += projected,
+                        // It used rows read ahead and failed: run it again, read afresh.
+                        None => continue,
+                    }
                     more
                 }
             };
@@ -174,12 +178,14 @@ impl Projector {
         PyErr::from(error)
     }
 
+    /// Assign the batch's rows through Python and write it. `None`: the batch used rows
+    /// read ahead and failed on the database, and must be run again (read afresh).
     fn finish_with_python(
         &mut self,
         py: Python<'_>,
         batch: PendingBatch,
         resolve: Option<&Py<PyAny>>,
-    ) -> PyResult<usize> {
+    ) -> PyResult<Option<usize>> {
         let builtin = self.config.partitioner;
         let assignments = match assign(py, &batch, builtin, resolve) {
             Ok(a) => a,
@@ -197,8 +203,10 @@ impl Projector {
         // The batch's transaction lives on this connection, even if it has just died:
         // finishing on a new one would be wrong, failing on this one is right.
         let engine = self.open_engine()?;
+        let read_ahead = batch.read_ahead();
         match block_on(py, engine.finish_batch(batch, &assignments)) {
-            Ok(o) => Ok(o.projected),
+            Ok(o) => Ok(Some(o.projected)),
+            Err(Interrupted::Failed(e)) if read_ahead && !e.is_connection_error() => Ok(None),
             Err(e) => Err(self.fail(e)),
         }
     }
