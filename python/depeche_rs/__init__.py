@@ -3,6 +3,20 @@
 A drop-in for depeche-db 0.13: `import depeche_rs as depeche_db` keeps working.
 """
 
+# depeche-db's module paths (and two older ones of ours), reachable as attributes after
+# `import depeche_rs` as they were before they became re-exports.
+from . import (  # noqa: F401
+    _aggregated_stream,
+    _aggregated_stream_reader,
+    _connection,
+    _executor,
+    _factories,
+    _message_handler,
+    _message_store,
+    _schema,
+    _storage,
+    _subscription,
+)
 from ._exceptions import (
     DatabaseConnectionError,
     DatabaseError,

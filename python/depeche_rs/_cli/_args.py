@@ -12,7 +12,11 @@ import argparse
 import sys
 from typing import Any
 
-from ._config import DSN_ENV, LOG_FORMATS, LOG_LEVELS, ConfigError
+from ._config import DSN_ENV, LOG_FORMATS, LOG_LEVELS, ConfigError, project_settings
+from ._migrate import run_generate_migration_script, run_migrate
+from ._project import run_project
+from ._signals import Abandoned
+from ._status import run_status
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -191,25 +195,14 @@ def add_commands(commands: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run `args.command`; returns the exit status."""
-    from ._signals import Abandoned
-
     try:
         if args.command == "project":
-            from ._config import project_settings
-            from ._project import run_project
-
             return run_project(project_settings(args))
         if args.command == "status":
-            from ._status import run_status
-
             return run_status(args)
         if args.command == "migrate":
-            from ._migrate import run_migrate
-
             return run_migrate(args)
         if args.command == "generate-migration-script":
-            from ._migrate import run_generate_migration_script
-
             return run_generate_migration_script(args)
     except ConfigError as exc:
         print(f"depeche-rs {args.command}: error: {exc}", file=sys.stderr)

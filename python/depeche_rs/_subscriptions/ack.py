@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._interfaces import SubscriptionStateProvider
-
-if TYPE_CHECKING:
-    from .reader import Claim, SubscriptionReader
+from .reader import Claim, SubscriptionReader
 
 
 class AckStrategy(enum.Enum):
