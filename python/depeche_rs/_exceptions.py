@@ -128,6 +128,14 @@ class PartitionerError(DepecheError, ValueError):
         self.message_id = message_id
 
 
+# What a SQLSTATE means to the Python side (the engine's errors arrive mapped already):
+# classes a retry can fix, transaction rollback (serialization failure, deadlock),
+# insufficient resources, and a cancelled statement (statement_timeout);
+TRANSIENT_SQLSTATES = ("40", "53", "57014")
+# and the write function's version check (RAISE ... HINT 'depeche_rs:occ').
+OCC_SQLSTATE = "P0001"
+
+
 class DatabaseError(DepecheError):
     """PostgreSQL reported an error to the Rust engine.
 

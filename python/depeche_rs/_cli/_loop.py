@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from .._exceptions import DatabaseConnectionError, DatabaseError
+from .._exceptions import TRANSIENT_SQLSTATES, DatabaseConnectionError, DatabaseError
 from .._projection.projector import Resolve, StreamProjector
 from .._runtime.live import Backoff, LiveRuntime
 from . import _catalog, _stuck
@@ -41,9 +41,6 @@ from ._signals import StopSignal
 _SLICE_S = 0.5
 # How often the backlog gauge is recounted (and the progress line's estimate corrected).
 _BACKLOG_INTERVAL_S = 30.0
-# SQLSTATE classes a retry can fix: transaction rollback (serialization failure,
-# deadlock), insufficient resources, and a cancelled statement (statement_timeout).
-_TRANSIENT_SQLSTATES = ("40", "53", "57014")
 
 
 @dataclasses.dataclass(eq=False)
@@ -309,7 +306,7 @@ class ProjectLoop:
             except DatabaseConnectionError as exc:
                 return self._projector_failed(stream, exc, lost=True)
             except DatabaseError as exc:
-                if (exc.sqlstate or "").startswith(_TRANSIENT_SQLSTATES):
+                if (exc.sqlstate or "").startswith(TRANSIENT_SQLSTATES):
                     return self._projector_failed(stream, exc, lost=False)
                 return self._stuck(stream, exc)
             except Exception as exc:

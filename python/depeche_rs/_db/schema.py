@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from .. import _names
+from .._exceptions import OCC_SQLSTATE
 from .connection import connect, execute_script
 
 SCHEMA_VERSION = "depeche-rs schema 6"
@@ -285,7 +286,7 @@ BEGIN
   IF p_expected_version IS NOT NULL AND p_expected_version != _current THEN
     RAISE EXCEPTION 'Wrong expected version: % (Stream: %, Stream Version: %)',
       p_expected_version, p_stream, _current
-      USING ERRCODE = 'P0001', DETAIL = _current::text, HINT = 'depeche_rs:occ';
+      USING ERRCODE = '{OCC_SQLSTATE}', DETAIL = _current::text, HINT = 'depeche_rs:occ';
   END IF;
   -- Global positions are drawn in version order (the subquery is sorted), which keeps
   -- a stream's global positions increasing with its versions.

@@ -22,6 +22,7 @@ from .. import _names
 from .._db import migrations, schema
 from .._db.connection import execute_script, to_engine
 from .._exceptions import (
+    OCC_SQLSTATE,
     InvalidMessageError,
     NaiveDatetimeError,
     OptimisticConcurrencyError,
@@ -373,7 +374,7 @@ def _concurrency_error(
     """The `OptimisticConcurrencyError` for the write function's version check, or None
     when `exc` is something else."""
     diag = getattr(exc.orig, "diag", None)
-    if getattr(exc.orig, "sqlstate", None) != "P0001" or diag is None:
+    if getattr(exc.orig, "sqlstate", None) != OCC_SQLSTATE or diag is None:
         return None
     if not (diag.message_primary or "").startswith("Wrong expected version"):
         return None
