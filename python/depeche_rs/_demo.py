@@ -8,6 +8,7 @@ import time as _time
 import uuid as _uuid
 from typing import Any
 
+from ._db.connection import redact
 from ._interfaces import StoredMessage, SubscriptionMessage
 from ._store.message_store import MessageStore
 from ._subscriptions.ack import AckStrategy
@@ -103,7 +104,7 @@ def run(dsn: str | None, messages: int, streams: int) -> int:
         dsn = start_embedded()
     name = "demo_" + _uuid.uuid4().hex[:8]
     store: MessageStore[DemoEvent] = MessageStore(name, dsn, DemoSerializer())
-    print(f"store {name!r} on {store.engine.url.render_as_string(hide_password=True)}")
+    print(f"store {name!r} on {redact(dsn)}")
 
     started = _time.perf_counter()
     written, n_streams, per_stream = _write_backlog(store, messages, streams)
