@@ -330,9 +330,9 @@ def test_forked_child_projects_with_a_fresh_runtime(
     assert len(check_invariants(engine, store.name, stream_name)) == 25
 
 
-def _read_ahead(agg: Any) -> tuple[int, int]:
-    """(used, discarded) of the projector's read-ahead (docs/projector.md)."""
-    counts: tuple[int, int] = agg.projector._get_native().read_ahead_counts()
+def _read_ahead(agg: Any) -> tuple[int, int, int]:
+    """(used, discarded, assigned ahead) of the projector's read-ahead (docs/projector.md)."""
+    counts: tuple[int, int, int] = agg.projector._get_native().read_ahead_counts()
     return counts
 
 
@@ -368,9 +368,11 @@ def test_read_ahead_with_late_commits_and_an_overlapping_projector_loses_nothing
     narrow.projector.update_full()
     rows = check_invariants(engine, store.name, stream_name, "acc-%")
     assert len(rows) == 400 + 1 + 30
-    used, discarded = _read_ahead(wide)
+    used, discarded, assigned = _read_ahead(wide)
     assert used > 0, "the catch-up never read ahead"
     assert discarded > 0, "the other projector's rows never sent a batch back"
+    if isinstance(partitioner, _AccountPartitioner):
+        assert assigned > 0, "Python never assigned rows while a batch was written"
 
 
 def test_read_ahead_is_thrown_away_when_the_projection_is_deleted(
@@ -391,3 +393,26 @@ def test_read_ahead_is_thrown_away_when_the_projection_is_deleted(
     assert _read_ahead(agg)[1] >= 1
     rows = check_invariants(engine, store.name, stream_name, "acc-%")
     assert len(rows) == 300
+
+
+def test_rows_assigned_ahead_still_raise_for_a_message_the_partitioner_refuses(
+    store: Store, stream_name: str, engine: sa.Engine
+) -> None:
+    # The Python partitioner runs on the next batch's rows while the batch before them is
+    # written; its error there is left to the batch the message is in, which raises it
+    # with everything before it projected.
+    for i in range(100):
+        store.write(f"acc-{i}", Deposited(account=999 if i == 56 else i, amount=i))
+
+    class Refusing:
+        def get_partition(self, message: StoredMessage[Any]) -> int:
+            if message.message.account == 999:
+                raise ValueError("no partition for 999")
+            return int(message.message.account) % 3
+
+    agg = store.aggregated_stream(stream_name, Refusing(), ["acc-%"], update_batch_size=10)
+    with pytest.raises(depeche_rs.PartitionerError):
+        agg.projector.update_full()
+    assert len(projected_rows(engine, stream_name)) == 50
+    used, _, assigned = _read_ahead(agg)
+    assert used >= 4 and assigned >= 40

@@ -47,8 +47,9 @@ class Projector:
         max_batches: int | None = None,
     ) -> tuple[int, bool, bool]:
         """Project batches; returns (projected, more, locked)."""
-    def read_ahead_counts(self) -> tuple[int, int]:
-        """(used, discarded): batches whose candidates were read ahead, read-aheads dropped."""
+    def read_ahead_counts(self) -> tuple[int, int, int]:
+        """(used, discarded, assigned): batches that read ahead, read-aheads dropped, rows
+        Python assigned while the batch before them was written."""
     def close(self) -> None:
         """Close the connections."""
 

@@ -14,4 +14,6 @@ pub mod subscription_sql;
 pub use config::{ProjectorConfig, TableNames};
 pub use error::{Error, Result};
 pub use partitioner::BuiltinPartitioner;
-pub use projector::{Assignment, BatchOutcome, BuiltinStep, OriginRow, PendingBatch, Projector};
+pub use projector::{
+    Assignment, BatchOutcome, BuiltinStep, OriginRow, PendingBatch, PreAssign, Projector,
+};

@@ -12,6 +12,7 @@ use chrono::NaiveDateTime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryMessage, Statement};
+use uuid::Uuid;
 
 use crate::config::ProjectorConfig;
 use crate::connect::connect;
@@ -40,6 +41,8 @@ pub struct PendingBatch {
     read_ahead: bool,
     /// What the next batch reads, when it can be read ahead while this one is written.
     next: Option<NextRead>,
+    /// Rows the caller assigned while they were read ahead, by message id.
+    preassigned: HashMap<Uuid, Assignment>,
 }
 
 /// The next batch's *above* query: a single group's wildcards, the cursor this batch
@@ -58,7 +61,12 @@ struct ReadAhead {
     snapshot: String,
     max_visible: Option<i64>,
     rows: Vec<OriginRow>,
+    assigned: HashMap<Uuid, Assignment>,
 }
+
+/// The caller's partitioner and message times for rows read ahead, called while the
+/// batch before them is still being written (`None` for a row it leaves to the batch).
+pub type PreAssign<'a> = Box<dyn FnOnce(&[OriginRow]) -> Vec<Option<Assignment>> + Send + 'a>;
 
 /// The second connection, which reads the next batch's candidates during a catch-up.
 struct Reader {
@@ -79,6 +87,12 @@ impl PendingBatch {
     #[must_use]
     pub fn read_ahead(&self) -> bool {
         self.read_ahead
+    }
+
+    /// The assignment the caller made for a row while it was read ahead, if any.
+    #[must_use]
+    pub fn preassigned(&self, message_id: &Uuid) -> Option<Assignment> {
+        self.preassigned.get(message_id).copied()
     }
 }
 
@@ -139,6 +153,8 @@ pub struct Projector {
     /// Batches whose candidates were read ahead, and read-aheads thrown away.
     read_ahead_used: u64,
     read_ahead_discarded: u64,
+    /// Rows the caller assigned while they were read ahead, in batches that used them.
+    assigned_ahead: u64,
 }
 
 impl Projector {
@@ -167,14 +183,20 @@ impl Projector {
             ahead: None,
             read_ahead_used: 0,
             read_ahead_discarded: 0,
+            assigned_ahead: 0,
         })
     }
 
-    /// How many batches used candidates read ahead, and how many read-aheads were thrown
-    /// away (the cursor moved meanwhile, or the batch that used one failed and ran again).
+    /// How many batches used candidates read ahead, how many read-aheads were thrown
+    /// away (the cursor moved meanwhile, or the batch that used one failed and ran again),
+    /// and how many rows of the batches that used one the caller had assigned ahead.
     #[must_use]
-    pub fn read_ahead_counts(&self) -> (u64, u64) {
-        (self.read_ahead_used, self.read_ahead_discarded)
+    pub fn read_ahead_counts(&self) -> (u64, u64, u64) {
+        (
+            self.read_ahead_used,
+            self.read_ahead_discarded,
+            self.assigned_ahead,
+        )
     }
 
     /// The second connection, opened on first use. A failure to open it is not an error:
@@ -357,8 +379,11 @@ impl Projector {
         let mut fetched = Vec::with_capacity(groups.len());
         let mut cursor_snapshot = state.snapshot.clone();
         let mut max_visible = state.max_visible;
+        let mut preassigned = HashMap::new();
         if let Some(a) = ahead {
             self.read_ahead_used += 1;
+            self.assigned_ahead += a.assigned.len() as u64;
+            preassigned = a.assigned;
             fetched.push(
                 self.fetch_group(st, &groups[0], &state.snapshot, Some(a.rows))
                     .await?,
@@ -414,6 +439,7 @@ impl Projector {
             more: merged.more,
             read_ahead,
             next,
+            preassigned,
         })
     }
 
@@ -732,7 +758,7 @@ impl Projector {
                     .collect::<Option<Vec<_>>>()
             });
             let Some(assignments) = assignments else {
-                return Ok(BuiltinStep::NeedsCaller(batch));
+                return Ok(BuiltinStep::NeedsCaller(Box::new(batch)));
             };
             let read_ahead = batch.read_ahead;
             match self.finish_batch(batch, &assignments).await {
@@ -753,8 +779,20 @@ impl Projector {
         batch: PendingBatch,
         assignments: &[Assignment],
     ) -> Result<BatchOutcome> {
+        self.finish_batch_with(batch, assignments, None).await
+    }
+
+    /// [`Projector::finish_batch`], and `pre` assigns the rows read ahead as soon as
+    /// they arrive, while this batch is still being written: the next batch then finds
+    /// them in [`PendingBatch::preassigned`].
+    pub async fn finish_batch_with(
+        &mut self,
+        batch: PendingBatch,
+        assignments: &[Assignment],
+        pre: Option<PreAssign<'_>>,
+    ) -> Result<BatchOutcome> {
         let read_ahead = batch.read_ahead;
-        let outcome = self.finish_reading_ahead(batch, assignments).await;
+        let outcome = self.finish_reading_ahead(batch, assignments, pre).await;
         if outcome.is_err() && read_ahead {
             self.read_ahead_discarded += 1;
         }
@@ -765,6 +803,7 @@ impl Projector {
         &mut self,
         batch: PendingBatch,
         assignments: &[Assignment],
+        pre: Option<PreAssign<'_>>,
     ) -> Result<BatchOutcome> {
         let Some(next) = batch.next.clone() else {
             return self.write_and_commit(batch, assignments).await;
@@ -778,7 +817,22 @@ impl Projector {
         let sequence = self.config.tables.sequence.clone();
         let (outcome, ahead) = tokio::join!(self.write_and_commit(batch, assignments), async {
             match &reader {
-                Some(r) => Some(read_ahead(r, next, &sequence, limit, need_bodies).await),
+                Some(r) => Some(
+                    read_ahead(r, next, &sequence, limit, need_bodies)
+                        .await
+                        .map(|mut ahead| {
+                            if let Some(pre) = pre {
+                                let assigned = pre(&ahead.rows);
+                                ahead.assigned = ahead
+                                    .rows
+                                    .iter()
+                                    .zip(assigned)
+                                    .filter_map(|(row, a)| a.map(|a| (row.message_id, a)))
+                                    .collect();
+                            }
+                            ahead
+                        }),
+                ),
                 None => None,
             }
         });
@@ -850,6 +904,7 @@ async fn read_ahead(
         snapshot: state.get(0),
         max_visible: state.get(1),
         rows: origin_rows(rows),
+        assigned: HashMap::new(),
     })
 }
 
@@ -861,7 +916,7 @@ pub enum BuiltinStep {
     /// The batch was written.
     Done(BatchOutcome),
     /// The caller must assign (some) rows, then call `finish_batch` or `abort`.
-    NeedsCaller(PendingBatch),
+    NeedsCaller(Box<PendingBatch>),
 }
 
 /// What the batch reserves: each partition it uses once (ascending, so concurrent

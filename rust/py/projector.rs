@@ -2,14 +2,16 @@
 //! once per batch (to call a Python partitioner or fetch missing message times).
 
 use chrono::NaiveDateTime;
-use pyo3::exceptions::PyValueError;
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use crate::py::errors::py_err;
 use crate::py::runtime::{block_on, Interrupted};
 use depeche_rs_core::{
-    Assignment, BuiltinPartitioner, BuiltinStep, Error, OriginRow, PendingBatch,
+    Assignment, BuiltinPartitioner, BuiltinStep, Error, OriginRow, PendingBatch, PreAssign,
     Projector as Engine, ProjectorConfig,
 };
 
@@ -92,7 +94,7 @@ impl Projector {
                 }
                 BuiltinStep::NeedsCaller(batch) => {
                     let more = batch.more();
-                    match self.finish_with_python(py, batch, resolve.as_ref())? {
+                    match self.finish_with_python(py, *batch, resolve.as_ref())? {
                         Some(projected) => total += projected,
                         // It used rows read ahead and failed: run it again, read afresh.
                         None => continue,
@@ -112,12 +114,13 @@ impl Projector {
         }
     }
 
-    /// `(used, discarded)`: batches whose candidates were read ahead on the second
-    /// connection, and read-aheads thrown away, since the connection was opened.
-    fn read_ahead_counts(&self) -> (u64, u64) {
+    /// `(used, discarded, assigned)`: batches whose candidates were read ahead on the
+    /// second connection, read-aheads thrown away, and rows of the batches that used one
+    /// that Python had assigned while the batch before was written; since connecting.
+    fn read_ahead_counts(&self) -> (u64, u64, u64) {
         self.engine
             .as_ref()
-            .map_or((0, 0), |(_, engine)| engine.read_ahead_counts())
+            .map_or((0, 0, 0), |(_, engine)| engine.read_ahead_counts())
     }
 
     /// Close the connections (new ones are opened on the next run).
@@ -187,7 +190,9 @@ impl Projector {
         resolve: Option<&Py<PyAny>>,
     ) -> PyResult<Option<usize>> {
         let builtin = self.config.partitioner;
-        let assignments = match assign(py, &batch, builtin, resolve) {
+        let assignments = match assign(py, &batch.rows, builtin, resolve, |id| {
+            batch.preassigned(id)
+        }) {
             Ok(a) => a,
             Err(e) => {
                 let engine = self.open_engine()?;
@@ -204,7 +209,32 @@ impl Projector {
         // finishing on a new one would be wrong, failing on this one is right.
         let engine = self.open_engine()?;
         let read_ahead = batch.read_ahead();
-        match block_on(py, engine.finish_batch(batch, &assignments)) {
+        // The rows read ahead for the next batch are assigned as they arrive, while this
+        // batch is written: the Python work overlaps the server's. A failure there only
+        // leaves them to the next batch, except an interruption (Ctrl-C), raised below.
+        let interrupted: Arc<Mutex<Option<PyErr>>> = Arc::default();
+        let pre: Option<PreAssign<'_>> = resolve.map(|resolve| {
+            let resolve = resolve.clone_ref(py);
+            let interrupted = Arc::clone(&interrupted);
+            Box::new(move |rows: &[OriginRow]| {
+                Python::attach(
+                    |py| match assign(py, rows, builtin, Some(&resolve), |_| None) {
+                        Ok(assigned) => assigned.into_iter().map(Some).collect(),
+                        Err(e) => {
+                            if !e.is_instance_of::<PyException>(py) {
+                                *lock(&interrupted) = Some(e);
+                            }
+                            Vec::new()
+                        }
+                    },
+                )
+            }) as PreAssign<'_>
+        });
+        let finished = block_on(py, engine.finish_batch_with(batch, &assignments, pre));
+        if let Some(e) = lock(&interrupted).take() {
+            return Err(e);
+        }
+        match finished {
             Ok(o) => Ok(Some(o.projected)),
             Err(Interrupted::Failed(e)) if read_ahead && !e.is_connection_error() => Ok(None),
             Err(e) => Err(self.fail(e)),
@@ -212,18 +242,23 @@ impl Projector {
     }
 }
 
-/// Assign every row: the built-in partitioner where there is one, Python for the rest.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Assign every row: `pre` where it has an assignment (made while the row was read
+/// ahead), the built-in partitioner where there is one, Python for the rest.
 fn assign(
     py: Python<'_>,
-    batch: &PendingBatch,
+    rows: &[OriginRow],
     builtin: Option<BuiltinPartitioner>,
     resolve: Option<&Py<PyAny>>,
+    pre: impl Fn(&uuid::Uuid) -> Option<Assignment>,
 ) -> PyResult<Vec<Assignment>> {
-    let needs: Vec<&OriginRow> = batch
-        .rows
-        .iter()
-        .filter(|r| builtin.is_none() || r.occurred_at.is_none())
-        .collect();
+    let python_needed = |r: &OriginRow| {
+        (builtin.is_none() || r.occurred_at.is_none()) && pre(&r.message_id).is_none()
+    };
+    let needs: Vec<&OriginRow> = rows.iter().filter(|r| python_needed(r)).collect();
     let mut resolved: Resolved = Vec::new();
     if !needs.is_empty() {
         let Some(resolve) = resolve else {
@@ -261,9 +296,13 @@ fn assign(
         }
     }
     let mut from_python = resolved.into_iter();
-    let mut out = Vec::with_capacity(batch.rows.len());
-    for row in &batch.rows {
-        let python = if builtin.is_none() || row.occurred_at.is_none() {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(a) = pre(&row.message_id) {
+            out.push(a);
+            continue;
+        }
+        let python = if python_needed(row) {
             from_python.next()
         } else {
             None
