@@ -1,1 +1,1 @@
-"""Aggregated streams: origin streams projected into partitions, and their readers."""
+"""Aggregated streams: origin streams projected into partitions (`projector.py`), and readers."""
