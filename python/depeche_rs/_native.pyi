@@ -10,6 +10,7 @@ __all__ = [
     "ClaimedBatch",
     "PartitionState",
     "Projector",
+    "ResolveRow",
     "StoredRow",
     "SubscriptionSession",
     "__version__",
@@ -41,7 +42,7 @@ class Projector:
     ) -> Projector: ...
     def run(
         self,
-        resolve: Callable[[list[tuple[Any, ...]], bool], list[tuple[int | None, datetime.datetime]]]
+        resolve: Callable[[list[ResolveRow], bool], list[tuple[int | None, datetime.datetime]]]
         | None = None,
         budget: Any = None,
         max_batches: int | None = None,
@@ -52,6 +53,34 @@ class Projector:
         Python assigned while the batch before them was written."""
     def close(self) -> None:
         """Close the connections."""
+
+@final
+class ResolveRow:
+    """A message the projector needs Python for: its partition or its time."""
+
+    @property
+    def message_id(self) -> uuid.UUID:
+        """The message id."""
+    @property
+    def stream(self) -> str:
+        """The origin stream."""
+    @property
+    def version(self) -> int:
+        """The version in the origin stream."""
+    @property
+    def global_position(self) -> int:
+        """The global position in the store."""
+    @property
+    def added_at(self) -> datetime.datetime:
+        """When the message was written (naive UTC)."""
+    @property
+    def occurred_at(self) -> datetime.datetime | None:
+        """The message time recorded at write time (naive UTC); settable."""
+    @occurred_at.setter
+    def occurred_at(self, value: datetime.datetime | None) -> None: ...
+    @property
+    def message(self) -> str | None:
+        """The message body, JSON text, when it was read."""
 
 @final
 class BatchRow:

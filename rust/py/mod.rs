@@ -5,3 +5,4 @@ pub mod partition;
 pub mod projector;
 pub mod runtime;
 pub mod subscription;
+pub mod values;

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::PyList;
 
 use crate::py::errors::py_err;
 use crate::py::runtime::{block_on, Interrupted};
+use crate::py::values::py_uuid;
 use depeche_rs_core::{
     Assignment, BuiltinPartitioner, BuiltinStep, Error, OriginRow, PendingBatch, PreAssign,
     Projector as Engine, ProjectorConfig,
@@ -28,6 +29,66 @@ pub struct Projector {
 }
 
 type Resolved = Vec<(Option<i64>, Option<NaiveDateTime>)>;
+
+/// A message the projector needs Python for: its partition (a Python partitioner) or its
+/// time (not recorded when it was written). The `resolve` callback gets a list of them.
+/// Values are turned into Python objects only when read.
+#[pyclass(module = "depeche_rs._native", name = "ResolveRow")]
+pub struct ResolveRow {
+    row: OriginRow,
+}
+
+#[pymethods]
+impl ResolveRow {
+    /// The message id, a `uuid.UUID`.
+    #[getter]
+    fn message_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        py_uuid(py, &self.row.message_id)
+    }
+
+    /// The origin stream.
+    #[getter]
+    fn stream(&self) -> &str {
+        &self.row.stream
+    }
+
+    /// The version in the origin stream.
+    #[getter]
+    fn version(&self) -> i64 {
+        self.row.version
+    }
+
+    /// The global position in the store.
+    #[getter]
+    fn global_position(&self) -> i64 {
+        self.row.global_position
+    }
+
+    /// When the message was written (naive UTC).
+    #[getter]
+    fn added_at(&self) -> NaiveDateTime {
+        self.row.added_at
+    }
+
+    /// The message time recorded at write time (naive UTC), or None. A callback that
+    /// finds the time itself may set it, for the callback it hands the row on to.
+    #[getter]
+    fn occurred_at(&self) -> Option<NaiveDateTime> {
+        self.row.occurred_at
+    }
+
+    #[setter]
+    fn set_occurred_at(&mut self, value: Option<NaiveDateTime>) {
+        self.row.occurred_at = value;
+    }
+
+    /// The message body, JSON text (None when neither a Python partitioner nor the
+    /// message time needs it).
+    #[getter]
+    fn message(&self) -> Option<&str> {
+        self.row.message.as_deref()
+    }
+}
 
 #[pymethods]
 impl Projector {
@@ -65,9 +126,8 @@ impl Projector {
 
     /// Project batches until none is left, the budget is over or `max_batches` ran.
     ///
-    /// `resolve(rows, need_partition)` is called with a list of
-    /// `(id_bytes, stream, version, global_position, added_at, occurred_at, message_json)`
-    /// and returns one `(partition, occurred_at)` per row (naive UTC datetimes). Returns
+    /// `resolve(rows, need_partition)` is called with a list of `ResolveRow`s and returns
+    /// one `(partition, occurred_at)` per row (naive UTC datetimes). Returns
     /// `(projected, more_messages_available, locked_by_another_projector)`.
     #[pyo3(signature = (resolve=None, budget=None, max_batches=None))]
     fn run(
@@ -269,19 +329,7 @@ fn assign(
         };
         let rows = PyList::empty(py);
         for r in &needs {
-            let item = PyTuple::new(
-                py,
-                [
-                    PyBytes::new(py, r.message_id.as_bytes()).into_any(),
-                    r.stream.as_str().into_pyobject(py)?.into_any(),
-                    r.version.into_pyobject(py)?.into_any(),
-                    r.global_position.into_pyobject(py)?.into_any(),
-                    r.added_at.into_pyobject(py)?.into_any(),
-                    r.occurred_at.into_pyobject(py)?.into_any(),
-                    r.message.as_deref().into_pyobject(py)?.into_any(),
-                ],
-            )?;
-            rows.append(item)?;
+            rows.append(ResolveRow { row: (*r).clone() })?;
         }
         resolved = resolve
             .bind(py)

@@ -6,17 +6,15 @@ use std::sync::Mutex;
 
 use chrono::NaiveDateTime;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 
 use crate::py::errors::py_err;
 use crate::py::runtime::{block_on, Interrupted};
+use crate::py::values::py_uuid;
 use depeche_rs_core::subscription::{
     Batch, PartitionState as State, StoredRow, SubscriptionSession as Engine, SubscriptionTables,
 };
 use depeche_rs_core::Error;
-
-static UUID: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// One position of a claimed partition and the message stored there.
 #[pyclass(module = "depeche_rs._native", name = "BatchRow", frozen, get_all)]
@@ -38,13 +36,7 @@ impl PyStoredRow {
     /// The message id, a `uuid.UUID`.
     #[getter]
     fn message_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let class = UUID.get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("uuid")?.getattr("UUID")?.unbind())
-        })?;
-        // UUID(hex, bytes, bytes_le, fields, int): positional, no keyword dict per row.
-        let none = py.None();
-        let int = self.row.message_id.as_u128();
-        class.bind(py).call1((&none, &none, &none, &none, int))
+        py_uuid(py, &self.row.message_id)
     }
 
     /// The origin stream.

@@ -20,8 +20,8 @@ import uuid as _uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .. import _names
-from .._exceptions import PoisonMessageError
+from .._native import ResolveRow
+from .._projection.projector import poison_message
 
 DEFAULT_TIME_FIELDS: tuple[str, ...] = (
     "occurred_at",
@@ -33,9 +33,8 @@ DEFAULT_TIME_FIELDS: tuple[str, ...] = (
 )
 _ID_FIELDS = ("message_id", "event_id", "id")
 
-Row = tuple[Any, ...]
 Resolved = list[tuple[int | None, _dt.datetime]]
-Resolve = Callable[[list[Row], bool], Resolved]
+Resolve = Callable[[list[ResolveRow], bool], Resolved]
 
 
 def _lookup(data: Mapping[str, Any], field: str) -> Any:
@@ -142,25 +141,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-def poison_message(store: str, row: Row, why: str) -> PoisonMessageError:
-    """The error for the message of engine row `row` (id bytes, stream, version, global
-    position, added_at, occurred_at, body) that cannot be read, `why`."""
-    message_id = _uuid.UUID(bytes=bytes(row[0]))
-    stream, version, position = str(row[1]), int(row[2]), int(row[3])
-    return PoisonMessageError(
-        f"message {message_id} of store {store!r}, stream {stream!r}, version {version}, "
-        f"global position {position} {why}. Its batch was not projected and the projector "
-        "stops at it until it is fixed: correct its body, record its time (UPDATE "
-        f"{_names.message_table(store)} SET occurred_at = '<timestamptz>' WHERE message_id = "
-        f"'{message_id}'), or delete it",
-        store=store,
-        stream=stream,
-        version=version,
-        global_position=position,
-        message_id=message_id,
-    )
-
-
 def json_resolver(python_resolve: Resolve, time_fields: Sequence[str], store: str) -> Resolve:
     """The engine's `resolve` callback for raw JSON messages.
 
@@ -170,20 +150,17 @@ def json_resolver(python_resolve: Resolve, time_fields: Sequence[str], store: st
     """
     fields = tuple(time_fields)
 
-    def resolve(rows: list[Row], need_partition: bool) -> Resolved:
-        filled: list[Row] = []
+    def resolve(rows: list[ResolveRow], need_partition: bool) -> Resolved:
         for row in rows:
-            occurred_at = row[5]
-            if occurred_at is None:
+            if row.occurred_at is None:
                 try:
-                    body = _json.loads(row[6]) if row[6] is not None else {}
+                    body = _json.loads(row.message) if row.message is not None else {}
                 except ValueError as exc:
                     raise poison_message(store, row, f"is not JSON: {_one_line(exc)}") from exc
                 found = message_time(body, fields) if isinstance(body, dict) else None
-                occurred_at = found if found is not None else row[4]
-            filled.append((*row[:5], occurred_at, row[6]))
+                row.occurred_at = found if found is not None else row.added_at
         if not need_partition:
-            return [(None, row[5]) for row in filled]
-        return python_resolve(filled, True)
+            return [(None, row.occurred_at or row.added_at) for row in rows]
+        return python_resolve(rows, True)
 
     return resolve

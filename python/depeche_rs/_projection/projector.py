@@ -10,10 +10,10 @@ import datetime as _dt
 import json as _json
 import re as _re
 import threading as _threading
-import uuid as _uuid
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from .. import _names
 from .._exceptions import PartitionerError, PoisonMessageError
 from .._interfaces import (
     AggregatedStreamView,
@@ -24,6 +24,7 @@ from .._interfaces import (
     TimeBudget,
 )
 from .._native import Projector as NativeProjector
+from .._native import ResolveRow
 from .._timings import Timings
 from ..tools._partitioners import StreamHashPartitioner, StreamNamePartitioner
 
@@ -32,9 +33,9 @@ E = TypeVar("E", bound=MessageProtocol)
 DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
 
-# The engine's per-batch callback: rows (id bytes, stream, version, global position,
-# added_at, occurred_at, body) and whether partitions are needed -> (partition, time) each.
-Resolve = Callable[[list[tuple[Any, ...]], bool], list[tuple[int | None, _dt.datetime]]]
+# The engine's per-batch callback: the rows it needs Python for and whether partitions
+# are needed -> (partition, time) each.
+Resolve = Callable[[list[ResolveRow], bool], list[tuple[int | None, _dt.datetime]]]
 
 
 class FullUpdateResult(NamedTuple):
@@ -199,13 +200,13 @@ class StreamProjector(Generic[E]):
         return self._native
 
     def _timed_resolve(
-        self, rows: list[tuple[Any, ...]], need_partition: bool
+        self, rows: list[ResolveRow], need_partition: bool
     ) -> list[tuple[int | None, _dt.datetime]]:
         with self.timings.span("resolve"):
             return self.resolve_rows(rows, need_partition)
 
     def resolve_rows(
-        self, rows: list[tuple[Any, ...]], need_partition: bool
+        self, rows: list[ResolveRow], need_partition: bool
     ) -> list[tuple[int | None, _dt.datetime]]:
         """Internal: the engine's per-batch callback (`Resolve`). Partition (when
         `need_partition`) and message time of each row, by the store's serializer and the
@@ -213,22 +214,23 @@ class StreamProjector(Generic[E]):
         serializer = self.stream.store._serializer
         out: list[tuple[int | None, _dt.datetime]] = []
         for row in rows:
-            id_bytes, stream, version, global_position, added_at, occurred_at, body = row
             try:
-                message = serializer.deserialize(_json.loads(body))
+                # Rows come here only when their body was read (see `ResolveRow.message`).
+                message = serializer.deserialize(_json.loads(row.message))  # type: ignore[arg-type]
             except Exception as exc:
                 raise self._poison("cannot be deserialized", exc, row) from exc
             partition: int | None = None
             if need_partition:
                 stored = StoredMessage(
-                    message_id=_uuid.UUID(bytes=id_bytes),
-                    stream=stream,
-                    version=version,
+                    message_id=row.message_id,
+                    stream=row.stream,
+                    version=row.version,
                     message=message,
-                    global_position=global_position,
-                    added_at=added_at,
+                    global_position=row.global_position,
+                    added_at=row.added_at,
                 )
                 partition = self._partition(stored)
+            occurred_at = row.occurred_at
             if occurred_at is None:
                 try:
                     occurred_at = _utc_naive(message.get_message_time())
@@ -262,20 +264,23 @@ class StreamProjector(Generic[E]):
             message_id=stored.message_id,
         )
 
-    def _poison(self, what: str, exc: Exception, row: tuple[Any, ...]) -> PoisonMessageError:
-        # The id is built here, not per row: a UUID per message is measurable in a catch-up.
-        id_bytes, stream, version, global_position = row[:4]
-        message_id = _uuid.UUID(bytes=id_bytes)
-        store = self.stream.store.name
-        return PoisonMessageError(
-            f"message {message_id} of store {store!r}, stream {stream!r}, version {version}, "
-            f"global position {global_position} {what}: {exc!r}. Its batch was not projected "
-            f"and the projector stops at it until it is fixed: correct its body, record its "
-            f"time (UPDATE depeche_msgs_{store} SET occurred_at = '<timestamptz>' WHERE "
-            f"message_id = '{message_id}'), or delete it",
-            store=store,
-            stream=stream,
-            version=version,
-            global_position=global_position,
-            message_id=message_id,
-        )
+    def _poison(self, what: str, exc: Exception, row: ResolveRow) -> PoisonMessageError:
+        return poison_message(self.stream.store.name, row, f"{what}: {exc!r}")
+
+
+def poison_message(store: str, row: ResolveRow, why: str) -> PoisonMessageError:
+    """The error for the message of `row` that cannot be projected, `why`: what it is,
+    and how the operator unblocks the projector."""
+    message_id = row.message_id
+    return PoisonMessageError(
+        f"message {message_id} of store {store!r}, stream {row.stream!r}, version "
+        f"{row.version}, global position {row.global_position} {why}. Its batch was not "
+        "projected and the projector stops at it until it is fixed: correct its body, record "
+        f"its time (UPDATE {_names.message_table(store)} SET occurred_at = '<timestamptz>' "
+        f"WHERE message_id = '{message_id}'), or delete it",
+        store=store,
+        stream=row.stream,
+        version=row.version,
+        global_position=row.global_position,
+        message_id=message_id,
+    )
