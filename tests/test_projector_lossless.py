@@ -419,3 +419,21 @@ def test_rows_assigned_ahead_still_raise_for_a_message_the_partitioner_refuses(
     assert len(projected_rows(engine, stream_name)) == 50
     used, _, assigned = _read_ahead(agg)
     assert used >= 4 and assigned >= 40
+
+
+def test_a_read_ahead_older_than_five_seconds_is_not_used(
+    store: Store, stream_name: str, engine: sa.Engine
+) -> None:
+    for i in range(100):
+        store.write(f"acc-{i % 7}", Deposited(account=i, amount=i))
+    agg = store.aggregated_stream(
+        stream_name, StreamNamePartitioner(), ["acc-%"], update_batch_size=20
+    )
+    assert agg.projector.update_batch() == (20, True)
+    assert agg.projector.update_batch() == (20, True)
+    assert _read_ahead(agg)[:2] == (1, 0)
+    time.sleep(5.5)
+    assert agg.projector.update_batch() == (20, True)
+    assert _read_ahead(agg)[:2] == (1, 1)
+    agg.projector.update_full()
+    assert len(check_invariants(engine, store.name, stream_name, "acc-%")) == 100

@@ -7,6 +7,7 @@
 //! writes rows, positions and cursor and commits. [`Projector::abort`] rolls back.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
 use tokio_postgres::error::SqlState;
@@ -58,6 +59,8 @@ struct NextRead {
 /// own while the batch before was written (docs/projector.md, "Reading ahead").
 struct ReadAhead {
     read: NextRead,
+    /// When it was read: an old one is not used (see [`READ_AHEAD_MAX_AGE`]).
+    at: Instant,
     snapshot: String,
     max_visible: Option<i64>,
     rows: Vec<OriginRow>,
@@ -95,6 +98,11 @@ impl PendingBatch {
         self.preassigned.get(message_id).copied()
     }
 }
+
+/// How long candidates read ahead stay usable. A catch-up uses them within milliseconds;
+/// a caller that runs one batch now and then (`update_batch`) reads afresh instead of
+/// projecting rows as they were long ago (an operator may have fixed one meanwhile).
+const READ_AHEAD_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// The smallest and largest global-position window scanned per batch.
 const MIN_WINDOW: i64 = 1_024;
@@ -361,7 +369,8 @@ impl Projector {
         };
         let ahead = match ahead {
             Some(a)
-                if groups.len() == 1
+                if a.at.elapsed() <= READ_AHEAD_MAX_AGE
+                    && groups.len() == 1
                     && !groups[0].rewrite
                     && groups[0].wildcards == a.read.wildcards
                     && groups[0].cursor == a.read.cursor
@@ -901,6 +910,7 @@ async fn read_ahead(
     ended.map_err(failed)?;
     Ok(ReadAhead {
         read,
+        at: Instant::now(),
         snapshot: state.get(0),
         max_visible: state.get(1),
         rows: origin_rows(rows),
