@@ -1,6 +1,6 @@
 """The stream projector: a thin Python shell over the Rust engine's batch loop.
 
-It runs passes; when they run is the live runtime's business (`_live.py`): the
+It runs passes; when they run is the live runtime's business (`_runtime/live.py`): the
 `Executor` and `depeche-rs project` drive every projector through it.
 """
 

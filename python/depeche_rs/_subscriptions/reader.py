@@ -5,10 +5,10 @@ every reader shares: a `PartitionQueue` (fed by notification hints, refilled whe
 runs dry), one engine session (`SubscriptionSession`) per reading thread, and
 turning a batch's rows into `StoredMessage`s. Two readers implement it:
 
-- `DbSubscriptionReader` (`_db_subscription_reader`), for the default providers: the
+- `DbSubscriptionReader` (`db_reader.py`), for the default providers: the
   lock, the position, the batch, the acknowledgements and the unlock are all the
   engine's, pipelined on its connection;
-- `ProviderSubscriptionReader` (`_provider_subscription_reader`), for lock and state
+- `ProviderSubscriptionReader` (`provider_reader.py`), for lock and state
   providers of the user's: those are called through their interfaces, and the engine
   only reads the stream.
 """
