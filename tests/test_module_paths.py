@@ -99,7 +99,7 @@ def test_threaded_executor_runs_each_handler_on_its_own_thread_on_notifications(
     thread = threading.Thread(target=executor.run)
     thread.start()
     try:
-        _wait_for(lambda: executor.listener is not None and executor.listener.running)
+        _wait_for(lambda: executor.listener is not None and executor.listener.up)
         time.sleep(0.3)
         assert first.calls == [] and second.calls == []  # no stimulation, no notification
         _notify(dsn, channel, ['{"wanted": false}'])

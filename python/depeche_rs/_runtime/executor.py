@@ -173,10 +173,7 @@ class Executor:
         """
         if not self.keep_running:
             return
-        for handler in self._handlers():
-            # Projectors are ours and thread-safe: give each its own thread.
-            if isinstance(handler, StreamProjector) and id(handler) not in self._workers:
-                self._workers[id(handler)] = _Worker("depeche-rs-projector", self._on_handler_error)
+        self._add_workers()
         self.listener = ListenConnection(self._db_dsn, self.channel_register, "depeche-rs listener")
         self._runtime = LiveRuntime(
             self.listener,
@@ -210,6 +207,17 @@ class Executor:
             for worker in workers:
                 if worker.thread.is_alive():
                     worker.thread.join()
+        self._report(workers)
+
+    def _add_workers(self) -> None:
+        """Threads of their own for some handlers (the rest share one)."""
+        for handler in self._handlers():
+            # Projectors are ours and thread-safe: give each its own thread.
+            if isinstance(handler, StreamProjector) and id(handler) not in self._workers:
+                self._workers[id(handler)] = _Worker("depeche-rs-projector", self._on_handler_error)
+
+    def _report(self, workers: list[_Worker]) -> None:
+        """After `run()`: raise what a handler raised."""
         for worker in workers:
             if worker.error is not None:
                 raise worker.error

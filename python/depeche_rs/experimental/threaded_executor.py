@@ -10,23 +10,20 @@ instead of raising it.
 
 from __future__ import annotations
 
-import collections
+import functools
 import logging
-import signal
-import threading
-from collections.abc import Iterable
-from types import FrameType
 
-from .._db.connection import libpq_form
 from .._interfaces import RunOnNotification
-from .._runtime.executor import _Worker
-from ..tools._pg_notification_listener import PgNotificationListener
+from .._runtime.executor import Executor, _Worker
 
 logger = logging.getLogger("depeche_rs.threaded_executor")
 
 
-class ThreadedExecutor:
+class ThreadedExecutor(Executor):
     """Runs registered handlers (`RunOnNotification`), each on its own thread.
+
+    It listens, dispatches, stimulates and reconnects as the `Executor` does (one live
+    runtime, `_runtime/live.py`); only the threads differ.
 
     Args:
         db_dsn: DSN of the PostgreSQL database (libpq URL; `postgresql+psycopg://` is
@@ -38,111 +35,27 @@ class ThreadedExecutor:
             executor outside the main thread); stop it with `stop()`.
     """
 
-    listener: PgNotificationListener | None = None
-
     def __init__(
         self,
         db_dsn: str,
         stimulation_interval: float | None = 0.5,
         disable_signals: bool = False,
     ) -> None:
-        if not isinstance(db_dsn, str):
-            raise TypeError(f"db_dsn must be a DSN string, got {type(db_dsn).__name__}")
-        self._db_dsn = libpq_form(db_dsn)
-        self.channel_register: dict[str, list[RunOnNotification]] = collections.defaultdict(list)
-        self.stimulation_interval = stimulation_interval
-        self.keep_running = True
-        self.listener = None
+        super().__init__(db_dsn, stimulation_interval, disable_signals)
         self.failed_handlers: dict[int, BaseException] = {}
-        self._stopped = threading.Event()
-        self._workers: dict[int, _Worker] = {}
-        self._stimulator = threading.Thread(
-            target=self._stimulate, name="depeche-rs-stimulator", daemon=True
-        )
-        if not disable_signals:
-            signal.signal(signal.SIGINT, self._on_signal)
-            signal.signal(signal.SIGTERM, self._on_signal)
 
-    def register(self, handler: RunOnNotification) -> RunOnNotification:
-        """Register a handler to run on notifications of its `notification_channel`."""
-        self.channel_register[handler.notification_channel].append(handler)
-        return handler
+    def _add_workers(self) -> None:
+        for handler in self._handlers():
+            if id(handler) not in self._workers:
+                on_error = functools.partial(self._failed, handler)
+                name = f"depeche-rs-handler-{len(self._workers)}"
+                self._workers[id(handler)] = _Worker(name, on_error)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        logger.info("received signal %s, stopping", signum)
+    def _failed(self, handler: RunOnNotification, exc: BaseException) -> None:
+        self.failed_handlers[id(handler)] = exc
         self.stop()
 
-    def stop(self) -> None:
-        """Stop the executor: handlers finish what they are on, `run()` returns."""
-        self.keep_running = False
-        self._stopped.set()
-        if self.listener is not None:
-            self.listener.request_stop()
-        for handler in self._handlers():
-            handler.stop()
-        for worker in list(self._workers.values()):
-            worker.stop()
-
-    # depeche-db's name.
-    _stop = stop
-
-    def _handlers(self) -> Iterable[RunOnNotification]:
-        for handlers in list(self.channel_register.values()):
-            yield from handlers
-
-    def _wake_all(self) -> None:
-        for handler in self._handlers():
-            self._workers[id(handler)].put(handler)
-
-    def _worker(self, handler: RunOnNotification) -> _Worker:
-        def on_error(exc: BaseException) -> None:
-            self.failed_handlers[id(handler)] = exc
-            self.stop()
-
-        return _Worker(f"depeche-rs-handler-{len(self._workers)}", on_error)
-
-    def run(self) -> None:
-        """Run until `stop()` (or SIGINT/SIGTERM); a failed handler is logged, not raised.
-
-        Raises:
-            DatabaseConnectionError: the database could not be reached at start.
-        """
-        if not self.keep_running:
-            return
-        for handler in self._handlers():
-            self._workers.setdefault(id(handler), self._worker(handler))
-        self.listener = PgNotificationListener(
-            dsn=self._db_dsn,
-            channels=list(self.channel_register),
-            ignore_payload=False,
-            on_reconnect=self._wake_all,
-        )
-        self.listener.start()
-        workers = list(self._workers.values())
-        try:
-            for worker in workers:
-                worker.thread.start()
-            self._stimulator.start()
-            for notification in self.listener.messages():
-                for handler in self.channel_register.get(notification.channel, ()):
-                    if handler.interested_in_notification(notification.payload):
-                        handler.take_notification_hint(notification.payload)
-                        self._workers[id(handler)].put(handler)
-        finally:
-            self.stop()
-            self.listener.stop()
-            for worker in workers:
-                if worker.thread.is_alive():
-                    worker.thread.join()
-            if self._stimulator.is_alive():
-                self._stimulator.join()
+    def _report(self, workers: list[_Worker]) -> None:
+        """As in depeche-db, a failed handler is logged, not raised."""
         for handler_id, exc in list(self.failed_handlers.items()):
             logger.error("handler %s failed", handler_id, exc_info=exc)
-
-    def _stimulate(self) -> None:
-        interval = self.stimulation_interval
-        if interval is None or interval <= 0:
-            return
-        while not self._stopped.is_set():
-            self._wake_all()
-            self._stopped.wait(interval)
