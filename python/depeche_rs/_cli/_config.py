@@ -25,31 +25,23 @@ from ._json_messages import DEFAULT_TIME_FIELDS
 
 DSN_ENV = "DEPECHE_RS_DSN"
 
-_TOP_LEVEL_KEYS = {
-    "dsn",
-    "poll_interval",
-    "stop_timeout",
-    "progress_interval",
-    "log_format",
-    "log_level",
-    "metrics_port",
-    "metrics_host",
-    "batch_size",
-    "serializer",
-    "time_fields",
-    "streams",
-}
-_STREAM_KEYS = {
-    "store",
-    "stream",
-    "wildcards",
-    "partitioner",
-    "batch_size",
-    "serializer",
-    "time_fields",
-}
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Settings of the process, from the argument of the same name or the config's top level, in
+# the order they are checked: TOML type, default, and the values a string may take (None: any).
+_PROCESS_SETTINGS: dict[str, tuple[type, Any, tuple[str, ...] | None]] = {
+    "log_format": (str, "text", LOG_FORMATS),
+    "log_level": (str, "info", LOG_LEVELS),
+    "metrics_port": (int, None, None),
+    "poll_interval": (float, 1.0, None),
+    "stop_timeout": (float, 3.0, None),
+    "progress_interval": (float, 10.0, None),
+    "metrics_host": (str, "0.0.0.0", None),
+}
+# The settings a `[[streams]]` table may give, and those it takes from the top level when not.
+_STREAM_DEFAULTS = ("batch_size", "serializer", "time_fields")
+_STREAM_KEYS = {"store", "stream", "wildcards", "partitioner", *_STREAM_DEFAULTS}
+_TOP_LEVEL_KEYS = {"dsn", "streams", *_PROCESS_SETTINGS, *_STREAM_DEFAULTS}
 
 
 class ConfigError(ValueError):
@@ -63,15 +55,12 @@ class PartitionerSpec:
     Attributes:
         text: What was given (`stream-hash`, `hash-mod:8`, `pkg.module:attr`).
         obj: The partitioner object handed to `AggregatedStream`.
-        kind: The Rust engine's name for it ("stream_name", "hash_mod"), or None when
-            Python computes partitions.
-        modulus: The modulus of "hash_mod".
+        in_rust: True when the Rust engine computes its partitions, not Python.
     """
 
     text: str
     obj: Any
-    kind: str | None
-    modulus: int | None
+    in_rust: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +150,8 @@ def parse_partitioner(text: str) -> PartitionerSpec:
     if text == "stream-hash":
         obj = StreamNamePartitioner()
     elif text.startswith("hash-mod:"):
-        raw = text[len("hash-mod:") :]
         try:
-            modulus = int(raw)
+            modulus = int(text.removeprefix("hash-mod:"))
         except ValueError:
             modulus = 0
         if not 1 <= modulus <= 2**31 - 1:
@@ -182,9 +170,7 @@ def parse_partitioner(text: str) -> PartitionerSpec:
             f"unknown partitioner {text!r}: use stream-hash (depeche-db's StreamNamePartitioner), "
             "hash-mod:N (N partitions by stream hash) or module:attr (a Python partitioner)"
         )
-    builtin = builtin_partitioner(obj)
-    kind, modulus_ = builtin if builtin else (None, None)
-    return PartitionerSpec(text=text, obj=obj, kind=kind, modulus=modulus_)
+    return PartitionerSpec(text=text, obj=obj, in_rust=builtin_partitioner(obj) is not None)
 
 
 def parse_serializer(text: str) -> Any:
@@ -222,23 +208,20 @@ def read_toml(path: str) -> dict[str, Any]:
 # Checked by hand, not pydantic: the CLI would need pydantic (an optional extra of the library),
 # and each message names the flag or TOML key (with its table) the user wrote.
 def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """`table[key]` checked to be a `kind` (a float may be written as an int; `tuple`: a list
+    of strings, returned as a tuple), or None when absent."""
     value = table.get(key)
     if value is None:
         return None
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
-    if not ok:
+        return float(value)
+    if kind is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
     return value
-
-
-def _string_list(value: Any, key: str, where: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
-    return tuple(value)
 
 
 def _first(*values: Any) -> Any:
@@ -252,12 +235,6 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
         )
-
-
-def _positive(value: float, what: str) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{what} must be a positive number of seconds, got {value}")
-    return value
 
 
 def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = True) -> str | None:
@@ -281,7 +258,7 @@ def _stream_spec(
     _check_keys(table, _STREAM_KEYS, where)
     store = _typed(table, "store", str, where)
     stream = _typed(table, "stream", str, where)
-    wildcards = _string_list(table.get("wildcards"), "wildcards", where)
+    wildcards = _typed(table, "wildcards", tuple, where)
     partitioner = _typed(table, "partitioner", str, where)
     required = (("store", store), ("stream", stream), ("wildcards", wildcards))
     missing = [key for key, value in required if not value]
@@ -295,13 +272,13 @@ def _stream_spec(
         checked = tuple(validate_wildcards(list(wildcards or ())))
     except (InvalidNameError, InvalidWildcardError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    batch_size = _typed(table, "batch_size", int, where)
-    if batch_size is None:
-        batch_size = _first(defaults.get("batch_size"), DEFAULT_BATCH_SIZE)
+    batch_size = _first(
+        _typed(table, "batch_size", int, where), defaults.get("batch_size"), DEFAULT_BATCH_SIZE
+    )
     if batch_size < 1:
         raise ConfigError(f"{where}: batch_size must be at least 1, got {batch_size}")
     serializer = _typed(table, "serializer", str, where) or defaults.get("serializer")
-    time_fields = _string_list(table.get("time_fields"), "time_fields", where)
+    time_fields = _typed(table, "time_fields", tuple, where)
     time_fields = time_fields or defaults.get("time_fields") or DEFAULT_TIME_FIELDS
     return StreamSpec(
         store=str(store),
@@ -327,7 +304,7 @@ def stream_specs(
         "serializer": getattr(args, "serializer", None)
         or _typed(config, "serializer", str, "config"),
         "time_fields": tuple(getattr(args, "time_field", None) or ())
-        or _string_list(config.get("time_fields"), "time_fields", "config"),
+        or _typed(config, "time_fields", tuple, "config"),
     }
     single = {
         "store": args.store,
@@ -363,33 +340,31 @@ def stream_specs(
     return tuple(specs)
 
 
+def _setting(args: argparse.Namespace, config: Mapping[str, Any], name: str) -> Any:
+    """A setting of `_PROCESS_SETTINGS`: the argument, else the config's, else the default."""
+    kind, default, choices = _PROCESS_SETTINGS[name]
+    value = getattr(args, name)
+    if value is None:
+        value = _typed(config, name, kind, "config")
+    value = default if value is None else value
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    if kind is int and value is not None and not 0 <= value <= 65535:
+        raise ConfigError(f"metrics port must be from 0 to 65535, got {value}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            what = name.replace("_", " ")
+            raise ConfigError(f"{what} must be a positive number of seconds, got {value}")
+    return value
+
+
 def project_settings(args: argparse.Namespace) -> ProjectSettings:
     """Check the arguments (and config file) of `depeche-rs project`."""
     config: dict[str, Any] = read_toml(args.config) if args.config else {}
     if config:
         _check_keys(config, _TOP_LEVEL_KEYS, "config")
-
-    def pick(name: str, kind: type, default: Any) -> Any:
-        value = getattr(args, name)
-        if value is None:
-            value = _typed(config, name, kind, "config")
-        return default if value is None else value
-
-    log_format = pick("log_format", str, "text")
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-    log_level = pick("log_level", str, "info")
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-    port = pick("metrics_port", int, None)
-    if port is not None and not 0 <= port <= 65535:
-        raise ConfigError(f"metrics port must be from 0 to 65535, got {port}")
-    poll_interval = _positive(float(pick("poll_interval", float, 1.0)), "poll interval")
-    stop_timeout = _positive(float(pick("stop_timeout", float, 3.0)), "stop timeout")
-    progress_interval = _positive(
-        float(pick("progress_interval", float, 10.0)), "progress interval"
-    )
-    metrics_host = pick("metrics_host", str, "0.0.0.0")
+    settings = {name: _setting(args, config, name) for name in _PROCESS_SETTINGS}
     streams = stream_specs(args, config, projecting=True)
     if not streams:
         raise ConfigError(
@@ -398,15 +373,4 @@ def project_settings(args: argparse.Namespace) -> ProjectSettings:
         )
     dsn = resolve_dsn(args.dsn, config)
     assert dsn is not None
-    return ProjectSettings(
-        dsn=dsn,
-        streams=streams,
-        poll_interval=poll_interval,
-        stop_timeout=stop_timeout,
-        progress_interval=progress_interval,
-        log_format=log_format,
-        log_level=log_level,
-        metrics_port=port,
-        metrics_host=metrics_host,
-        once=bool(args.once),
-    )
+    return ProjectSettings(dsn=dsn, streams=streams, once=bool(args.once), **settings)

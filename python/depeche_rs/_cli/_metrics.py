@@ -8,7 +8,6 @@ exactly the families below (no process or platform collectors).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 try:
@@ -26,14 +25,25 @@ class MetricsUnavailableError(RuntimeError):
     """`--metrics-port` was asked for without the `metrics` extra installed."""
 
 
-class _Family:
-    """One labelled metric family; every method is a no-op without prometheus_client
-    (`registry` None)."""
+class Family:
+    """One metric family with one label, of prometheus_client's `kind` (`Counter`, `Gauge`
+    or `Histogram`); every method is a no-op without prometheus_client (`registry` None)."""
 
-    def __init__(self, family: Any | None) -> None:
-        self._family = family
+    def __init__(
+        self,
+        registry: Any,
+        kind: str,
+        name: str,
+        help_text: str,
+        label: str = "stream",
+        **options: Any,
+    ) -> None:
+        self._family: Any = None
+        if registry is not None:
+            make = getattr(prometheus_client, kind)
+            self._family = make(name, help_text, [label], registry=registry, **options)
 
-    def _series(self, labels: Labels) -> Any | None:
+    def _series(self, labels: Labels) -> Any:
         return None if self._family is None else self._family.labels(*labels)
 
     def touch(self, labels: Labels) -> None:
@@ -41,77 +51,20 @@ class _Family:
         needs the start."""
         self._series(labels)
 
-
-class Counter(_Family):
-    """A value that only goes up."""
-
-    def __init__(
-        self,
-        registry: prometheus_client.CollectorRegistry | None,
-        name: str,
-        help_text: str,
-        label_names: Sequence[str],
-    ) -> None:
-        super().__init__(
-            None
-            if registry is None
-            else prometheus_client.Counter(name, help_text, label_names, registry=registry)
-        )
-
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
-        """Add `amount` (>= 0)."""
-        series = self._series(labels)
-        if series is not None:
-            series.inc(amount)
-
-
-class Gauge(_Family):
-    """A value that goes up and down."""
-
-    def __init__(
-        self,
-        registry: prometheus_client.CollectorRegistry | None,
-        name: str,
-        help_text: str,
-        label_names: Sequence[str],
-    ) -> None:
-        super().__init__(
-            None
-            if registry is None
-            else prometheus_client.Gauge(name, help_text, label_names, registry=registry)
-        )
+        """Add `amount` (>= 0) to a counter."""
+        if self._family is not None:
+            self._series(labels).inc(amount)
 
     def set(self, labels: Labels, value: float) -> None:
-        """Set the value."""
-        series = self._series(labels)
-        if series is not None:
-            series.set(value)
-
-
-class Histogram(_Family):
-    """Observations in cumulative buckets, with their sum and count."""
-
-    def __init__(
-        self,
-        registry: prometheus_client.CollectorRegistry | None,
-        name: str,
-        help_text: str,
-        label_names: Sequence[str],
-        buckets: Sequence[float] = BATCH_BUCKETS,
-    ) -> None:
-        super().__init__(
-            None
-            if registry is None
-            else prometheus_client.Histogram(
-                name, help_text, label_names, registry=registry, buckets=buckets
-            )
-        )
+        """Set a gauge."""
+        if self._family is not None:
+            self._series(labels).set(value)
 
     def observe(self, labels: Labels, value: float) -> None:
-        """Record one observation."""
-        series = self._series(labels)
-        if series is not None:
-            series.observe(value)
+        """Record one observation of a histogram."""
+        if self._family is not None:
+            self._series(labels).observe(value)
 
 
 class ProjectorMetrics:
@@ -125,48 +78,50 @@ class ProjectorMetrics:
             prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
             registry = prometheus_client.CollectorRegistry()
         self.registry = registry
-        self.projected = Counter(
+        self.projected = Family(
             registry,
+            "Counter",
             "depeche_rs_projected_messages_total",
             "Messages written to the aggregated stream by this process.",
-            ["stream"],
         )
-        self.backlog = Gauge(
+        self.backlog = Family(
             registry,
+            "Gauge",
             "depeche_rs_backlog_messages",
             "Matching messages above the projector's cursor not yet in the aggregated stream.",
-            ["stream"],
         )
-        self.batch_duration = Histogram(
+        self.batch_duration = Family(
             registry,
+            "Histogram",
             "depeche_rs_batch_duration_seconds",
             "Duration of the batches that projected messages (one transaction each).",
-            ["stream"],
+            buckets=BATCH_BUCKETS,
         )
-        self.last_batch = Gauge(
+        self.last_batch = Family(
             registry,
+            "Gauge",
             "depeche_rs_last_batch_timestamp_seconds",
             "Unix time this process last completed a batch, including one that found nothing.",
-            ["stream"],
         )
-        self.lock_holder = Gauge(
+        self.lock_holder = Family(
             registry,
+            "Gauge",
             "depeche_rs_lock_holder",
             "1 while this process holds the stream's projector lock (active), 0 on standby.",
-            ["stream"],
         )
-        self.reconnects = Counter(
+        self.reconnects = Family(
             registry,
+            "Counter",
             "depeche_rs_reconnects_total",
             "Connections re-established after being lost ('listen' is the LISTEN/lock one).",
-            ["connection"],
+            label="connection",
         )
-        self.stuck = Gauge(
+        self.stuck = Family(
             registry,
+            "Gauge",
             "depeche_rs_stuck",
             "1 while the stream's batches fail with an error no retry fixes (a message the "
             "serializer cannot read, a failing partitioner, ...) on this active instance.",
-            ["stream"],
         )
 
     def add_stream(self, stream: str) -> None:

@@ -42,7 +42,7 @@ def _version() -> str:
 
 def _describe_partitioner(spec: StreamSpec) -> str:
     assert spec.partitioner is not None
-    where = "in Rust" if spec.partitioner.kind else "in Python"
+    where = "in Rust" if spec.partitioner.in_rust else "in Python"
     return f"{spec.partitioner.text} ({where})"
 
 

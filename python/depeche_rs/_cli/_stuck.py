@@ -56,7 +56,7 @@ def _uuid_or_none(value: Any) -> _uuid.UUID | None:
 def _advice(spec: StreamSpec, exc: BaseException) -> str:
     """What to do, where the error does not say it already."""
     if isinstance(exc, PoisonMessageError):
-        builtin = spec.partitioner is not None and spec.partitioner.kind is not None
+        builtin = spec.partitioner is not None and spec.partitioner.in_rust
         # Its message says what to do; recording the time is not enough for a Python
         # partitioner, which needs the message itself.
         return "" if builtin else "the partitioner runs in Python: correct its body or delete it"
