@@ -101,10 +101,6 @@ class LockHolder:
         return f"{name!r} (server pid {self.pid}{where})"
 
 
-def _table(name: str) -> sql.Identifier:
-    return sql.Identifier(name)
-
-
 def regclass_exists(conn: Conn, table: str) -> bool:
     """True when `table` is visible on the search path."""
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
@@ -133,23 +129,14 @@ _STUCK_COLUMNS = (
 )
 
 
-def _missing_stuck_columns(conn: Conn) -> list[tuple[str, str]]:
-    present = table_columns(conn, REGISTRY_TABLE)
-    return [c for c in _STUCK_COLUMNS if c[0] not in present]
-
-
 def ensure_registry(conn: Conn) -> None:
     """Create the registry table, or add the columns an older one lacks (idempotent, and
     safe when several processes start at once)."""
-    if regclass_exists(conn, REGISTRY_TABLE) and not _missing_stuck_columns(conn):
+    if all(name in table_columns(conn, REGISTRY_TABLE) for name, _ in _STUCK_COLUMNS):
         # The usual case takes no lock: ALTER TABLE would take an exclusive one.
         return
     with conn.transaction():
         conn.execute(lock_sql(REGISTRY_TABLE))
-        stuck_columns = sql.SQL("").join(
-            sql.SQL(", {} {}").format(sql.Identifier(name), sql.SQL(kind))
-            for name, kind in _STUCK_COLUMNS
-        )
         conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
@@ -159,15 +146,16 @@ def ensure_registry(conn: Conn) -> None:
                 " partitioner text NOT NULL,"
                 " batch_size integer NOT NULL,"
                 " registered_by text NOT NULL,"
-                " updated_at timestamptz NOT NULL DEFAULT now(){})"
-            ).format(_table(REGISTRY_TABLE), stuck_columns)
+                " updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(REGISTRY_TABLE))
         )
         # Checked again under the lock: another process may have just added them.
-        missing = _missing_stuck_columns(conn)
+        present = table_columns(conn, REGISTRY_TABLE)
+        missing = [(name, kind) for name, kind in _STUCK_COLUMNS if name not in present]
         if missing:
             conn.execute(
                 sql.SQL("ALTER TABLE {} {}").format(
-                    _table(REGISTRY_TABLE),
+                    sql.Identifier(REGISTRY_TABLE),
                     sql.SQL(", ").join(
                         sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
                             sql.Identifier(name), sql.SQL(kind)
@@ -188,28 +176,10 @@ _STUCK_SELECT = (
 
 
 def _registration(row: Sequence[Any]) -> Registration:
-    stuck = None
-    if len(row) > 7 and row[8] is not None:
-        stuck = Stuck(
-            kind=row[7] or "",
-            error=row[8],
-            message_id=row[9],
-            origin_stream=row[10],
-            version=row[11],
-            global_position=row[12],
-            since=row[13],
-            age_seconds=row[14],
-        )
-    return Registration(
-        stream=row[0],
-        store=row[1],
-        wildcards=tuple(row[2]),
-        partitioner=row[3],
-        batch_size=row[4],
-        registered_by=row[5],
-        updated_at=row[6],
-        stuck=stuck,
-    )
+    # The columns of _REGISTRATION_COLUMNS, then those of _STUCK_SELECT (in Stuck's order)
+    # when the registry has them.
+    stuck = Stuck(row[7] or "", *row[8:]) if len(row) > 7 and row[8] is not None else None
+    return Registration(row[0], row[1], tuple(row[2]), row[3], row[4], row[5], row[6], stuck)
 
 
 def register(
@@ -226,7 +196,7 @@ def register(
     with conn.transaction():
         row = conn.execute(
             sql.SQL("SELECT {} FROM {} WHERE stream = %s FOR UPDATE").format(
-                sql.SQL(_REGISTRATION_COLUMNS), _table(REGISTRY_TABLE)
+                sql.SQL(_REGISTRATION_COLUMNS), sql.Identifier(REGISTRY_TABLE)
             ),
             (stream,),
         ).fetchone()
@@ -238,7 +208,7 @@ def register(
                 " wildcards = excluded.wildcards, partitioner = excluded.partitioner,"
                 " batch_size = excluded.batch_size, registered_by = excluded.registered_by,"
                 " updated_at = now()"
-            ).format(_table(REGISTRY_TABLE)),
+            ).format(sql.Identifier(REGISTRY_TABLE)),
             (stream, store, list(wildcards), partitioner, batch_size, registered_by),
         )
     return _registration(row) if row else None
@@ -254,7 +224,7 @@ def registrations(conn: Conn) -> list[Registration]:
     stuck = _STUCK_SELECT if all(name in columns for name, _ in _STUCK_COLUMNS) else ""
     rows = conn.execute(
         sql.SQL("SELECT {}{} FROM {} ORDER BY stream").format(
-            sql.SQL(_REGISTRATION_COLUMNS), sql.SQL(stuck), _table(REGISTRY_TABLE)
+            sql.SQL(_REGISTRATION_COLUMNS), sql.SQL(stuck), sql.Identifier(REGISTRY_TABLE)
         )
     ).fetchall()
     return [_registration(r) for r in rows]
@@ -272,20 +242,13 @@ def mark_stuck(conn: Conn, stream: str, stuck: Stuck) -> None:
             "        OR (%(message_id)s::uuid IS NULL AND stuck_error = %(error)s))"
             "   THEN stuck_since ELSE now() END,"
             " stuck_kind = %(kind)s, stuck_error = %(error)s,"
-            " stuck_message_id = %(message_id)s::uuid, stuck_origin_stream = %(origin)s,"
+            " stuck_message_id = %(message_id)s::uuid,"
+            " stuck_origin_stream = %(origin_stream)s,"
             " stuck_origin_version = %(version)s::int8,"
-            " stuck_global_position = %(position)s::int8"
+            " stuck_global_position = %(global_position)s::int8"
             " WHERE stream = %(stream)s"
-        ).format(_table(REGISTRY_TABLE)),
-        {
-            "stream": stream,
-            "kind": stuck.kind,
-            "error": stuck.error,
-            "message_id": stuck.message_id,
-            "origin": stuck.origin_stream,
-            "version": stuck.version,
-            "position": stuck.global_position,
-        },
+        ).format(sql.Identifier(REGISTRY_TABLE)),
+        {**dataclasses.asdict(stuck), "stream": stream},
     )
 
 
@@ -297,7 +260,7 @@ def clear_stuck(conn: Conn, stream: str) -> bool:
             " stuck_message_id = NULL, stuck_origin_stream = NULL, stuck_origin_version = NULL,"
             " stuck_global_position = NULL"
             " WHERE stream = %s AND (stuck_error IS NOT NULL OR stuck_since IS NOT NULL)"
-        ).format(_table(REGISTRY_TABLE)),
+        ).format(sql.Identifier(REGISTRY_TABLE)),
         (stream,),
     )
     return cleared.rowcount > 0
@@ -307,7 +270,7 @@ def locate_message(conn: Conn, store: str, message_id: _uuid.UUID) -> tuple[str,
     """Origin stream, version and global position of a stored message, if it exists."""
     row = conn.execute(
         sql.SQL("SELECT stream, version, global_position FROM {} WHERE message_id = %s").format(
-            _table(_names.message_table(store))
+            sql.Identifier(_names.message_table(store))
         ),
         (message_id,),
     ).fetchone()
@@ -326,11 +289,11 @@ def _cursor_position(conn: Conn, stream: str) -> sql.Composable:
             "(SELECT coalesce(min(coalesce(c.global_position, 0)), 0)"
             " FROM unnest(%(wildcards)s::text[]) AS w(wildcard)"
             " LEFT JOIN {} AS c ON c.wildcard = w.wildcard)"
-        ).format(_table(cursor))
+        ).format(sql.Identifier(cursor))
     if "id" in columns:
         # One row for all wildcards (before cursors were kept per wildcard).
         return sql.SQL("coalesce((SELECT global_position FROM {} WHERE id = 1), 0)").format(
-            _table(cursor)
+            sql.Identifier(cursor)
         )
     # Without our cursor table (a depeche-db layout not migrated yet) every matching
     # message is checked against the aggregated table.
@@ -347,8 +310,8 @@ def backlog(conn: Conn, store: str, stream: str, wildcards: Sequence[str]) -> Ba
             " WHERE m.global_position > {above} AND m.stream LIKE ANY(%(wildcards)s)"
             " AND NOT EXISTS (SELECT 1 FROM {agg} AS a WHERE a.message_id = m.message_id)"
         ).format(
-            msgs=_table(_names.message_table(store)),
-            agg=_table(_names.stream_table(stream)),
+            msgs=sql.Identifier(_names.message_table(store)),
+            agg=sql.Identifier(_names.stream_table(stream)),
             above=_cursor_position(conn, stream),
         ),
         {"wildcards": list(wildcards)},
@@ -414,14 +377,16 @@ def subscription_tables(conn: Conn) -> list[str]:
 def store_of(conn: Conn, stream: str, candidates: Sequence[str]) -> str | None:
     """The store among `candidates` whose messages `stream` aggregates (None if empty)."""
     row = conn.execute(
-        sql.SQL("SELECT message_id FROM {} LIMIT 1").format(_table(_names.stream_table(stream)))
+        sql.SQL("SELECT message_id FROM {} LIMIT 1").format(
+            sql.Identifier(_names.stream_table(stream))
+        )
     ).fetchone()
     if row is None:
         return None
     for store in candidates:
         found = conn.execute(
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE message_id = %s)").format(
-                _table(_names.message_table(store))
+                sql.Identifier(_names.message_table(store))
             ),
             (row[0],),
         ).fetchone()
@@ -434,10 +399,10 @@ def max_positions(conn: Conn, stream: str) -> dict[int, int]:
     """Partition -> highest position of `stream`."""
     maxpos = _names.maxpos_table(stream)
     if regclass_exists(conn, maxpos):
-        query = sql.SQL("SELECT partition, max_position FROM {}").format(_table(maxpos))
+        query = sql.SQL("SELECT partition, max_position FROM {}").format(sql.Identifier(maxpos))
     else:  # depeche-db before 0.12.3
         query = sql.SQL("SELECT partition, max(position) FROM {} GROUP BY partition").format(
-            _table(_names.stream_table(stream))
+            sql.Identifier(_names.stream_table(stream))
         )
     return {int(p): int(m) for p, m in conn.execute(query).fetchall()}
 
@@ -450,7 +415,7 @@ def subscription_states(conn: Conn, table: str) -> dict[str, dict[int, int]]:
     """
     rows = conn.execute(
         sql.SQL("SELECT subscription_name, partition, position FROM {}").format(
-            _table(_names.subscription_table(table))
+            sql.Identifier(_names.subscription_table(table))
         )
     ).fetchall()
     states: dict[str, dict[int, int]] = {}
