@@ -122,58 +122,17 @@ def validate_wildcards(wildcards: Any) -> list[str]:
     return result
 
 
-def message_table(store: str) -> str:
-    """The message table of store `store`."""
-    return f"depeche_msgs_{store}"
-
-
-def global_sequence(store: str) -> str:
-    """The global position sequence of store `store`."""
-    return f"depeche_msgs_{store}_global_seq"
-
-
-def store_channel(store: str) -> str:
-    """The channel notified when messages are written to store `store`."""
-    return f"depeche_{store}_messages"
-
-
-def meta_table(store: str) -> str:
-    """depeche-db 0.14's per-stream table of store `store` (first and highest global
-    position written per stream); kept by our triggers when it exists."""
-    return f"depeche_msgs_{store}_meta"
-
-
-def write_function(store: str) -> str:
-    """depeche-db's single-message write function of store `store`."""
-    return f"depeche_write_message_{store}"
-
-
-def stream_table(agg: str) -> str:
-    """The table of aggregated stream `agg`."""
-    return f"depeche_stream_{agg}"
-
-
-def maxpos_table(agg: str) -> str:
-    """The per-partition max position table of aggregated stream `agg`."""
-    return f"depeche_stream_{agg}_maxpos"
-
-
-def omax_table(agg: str) -> str:
-    """depeche-db 0.14's per-origin-stream table of aggregated stream `agg` (highest
-    global position projected per origin stream); kept by our triggers when it exists."""
-    return f"depeche_stream_{agg}_omax"
-
-
-def cursor_table(agg: str) -> str:
-    """The projector cursor table of aggregated stream `agg` (ours, additive)."""
-    return f"depeche_stream_{agg}_cursor"
-
-
-def stream_channel(agg: str) -> str:
-    """The channel notified when aggregated stream `agg` gets new messages."""
-    return f"depeche_{agg}_messages"
-
-
-def subscription_table(name: str) -> str:
-    """The subscription state table of state provider `name`."""
-    return f"depeche_subscriptions_{name}"
+# The names of the database objects of a store (`<store>`) or aggregated stream (`<agg>`);
+# `_meta` and `_omax` are depeche-db 0.14's per-stream tables (first and highest global
+# position per origin stream), kept by our triggers when they exist; `_cursor` is ours.
+message_table = "depeche_msgs_{}".format
+global_sequence = "depeche_msgs_{}_global_seq".format
+store_channel = "depeche_{}_messages".format  # notified when messages are written
+meta_table = "depeche_msgs_{}_meta".format
+write_function = "depeche_write_message_{}".format  # depeche-db's single-message write
+stream_table = "depeche_stream_{}".format
+maxpos_table = "depeche_stream_{}_maxpos".format  # per-partition max position
+omax_table = "depeche_stream_{}_omax".format
+cursor_table = "depeche_stream_{}_cursor".format  # the projector's cursor
+stream_channel = "depeche_{}_messages".format  # notified when the stream gets messages
+subscription_table = "depeche_subscriptions_{}".format  # a subscription state provider's
