@@ -89,8 +89,9 @@ class Backlog:
 class LockHolder:
     """The session holding an aggregated stream's hot-standby lock."""
 
-    pid: int
+    # In the order `status --json` shows them.
     application_name: str
+    pid: int
     client_addr: str | None
     since: _dt.datetime | None
 

@@ -237,14 +237,12 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         )
 
 
-def resolve_dsn(given: str | None, config: Mapping[str, Any], required: bool = True) -> str | None:
+def resolve_dsn(given: str | None, config: Mapping[str, Any]) -> str:
     """The DSN from the argument, the config file or `$DEPECHE_RS_DSN`, checked, in a form
     libpq reads (psycopg connects with it directly)."""
-    dsn = given or _typed(config, "dsn", str, "config") or os.environ.get(DSN_ENV) or None
-    if dsn is None:
-        if required:
-            raise ConfigError(f"no database: pass --dsn, set ${DSN_ENV} or put dsn in the config")
-        return None
+    dsn = given or _typed(config, "dsn", str, "config") or os.environ.get(DSN_ENV)
+    if not dsn:
+        raise ConfigError(f"no database: pass --dsn, set ${DSN_ENV} or put dsn in the config")
     try:
         sqlalchemy_url(dsn)
     except ValueError as exc:
@@ -372,5 +370,4 @@ def project_settings(args: argparse.Namespace) -> ProjectSettings:
             "or --config with [[streams]] tables"
         )
     dsn = resolve_dsn(args.dsn, config)
-    assert dsn is not None
     return ProjectSettings(dsn=dsn, streams=streams, once=bool(args.once), **settings)

@@ -110,7 +110,6 @@ def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
         )
         return 0
     dsn = resolve_dsn(args.dsn, {})
-    assert dsn is not None
     objects = ", ".join([f"store {args.store}", *(f"aggregated stream {s}" for s in streams)])
     objects += "".join(f", subscription state {s}" for s in subscriptions)
     try:

@@ -91,18 +91,6 @@ def _parse_subscription_streams(values: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
-def _lags(maxpos: Mapping[int, int], positions: Mapping[int, int]) -> list[PartitionLag]:
-    return [
-        PartitionLag(
-            partition=p,
-            position=positions.get(p),
-            max_position=m,
-            lag=max(0, m - positions.get(p, -1)),
-        )
-        for p, m in maxpos.items()
-    ]
-
-
 def _vanishing(conn: psycopg.Connection[Any], query: Callable[..., T], *args: Any) -> T | None:
     """`query(conn, *args)` in a savepoint; None when its table was dropped meanwhile
     (another application's teardown must not fail the whole report)."""
@@ -198,7 +186,10 @@ def collect(
                 continue
             if store is not None and stream not in shown:
                 continue
-            lags = _lags(maxpos[stream], positions)
+            lags = [
+                PartitionLag(p, positions.get(p), m, lag=max(0, m - positions.get(p, -1)))
+                for p, m in maxpos[stream].items()
+            ]
             ordered = sorted(
                 (lag for lag in lags if lag.lag > 0), key=lambda x: (-x.lag, x.partition)
             )
@@ -221,13 +212,6 @@ def _json_value(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, _uuid.UUID):
         return str(value)
-    if isinstance(value, _catalog.LockHolder):
-        return {
-            "application_name": value.application_name,
-            "pid": value.pid,
-            "client_addr": value.client_addr,
-            "since": value.since.isoformat() if value.since else None,
-        }
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -302,20 +286,19 @@ def render_text(
     setting that holds projection back)."""
     lines: list[str] = []
     if streams:
-        rows: list[Sequence[str]] = []
-        for s in streams:
-            rows.append(
-                (
-                    s.name,
-                    s.store or "?",
-                    f"{s.partitions:,}",
-                    f"{s.messages:,}",
-                    f"{s.backlog:,}" if s.backlog is not None else "unknown",
-                    _age(s.oldest_unprojected_age_seconds),
-                    s.projector.describe() if s.projector else "none active",
-                    _state(s),
-                )
+        rows: list[Sequence[str]] = [
+            (
+                s.name,
+                s.store or "?",
+                f"{s.partitions:,}",
+                f"{s.messages:,}",
+                f"{s.backlog:,}" if s.backlog is not None else "unknown",
+                _age(s.oldest_unprojected_age_seconds),
+                s.projector.describe() if s.projector else "none active",
+                _state(s),
             )
+            for s in streams
+        ]
         header: tuple[str, ...] = ("AGGREGATED STREAM", "STORE", "PARTITIONS", "MESSAGES")
         header += ("BACKLOG", "OLDEST UNPROJECTED", "PROJECTOR", "STATE")
         lines += _table(header, rows, right={2, 3, 4})
@@ -350,7 +333,6 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     config: dict[str, Any] = read_toml(args.config) if args.config else {}
     dsn = resolve_dsn(args.dsn, config)
-    assert dsn is not None
     if args.top < 0:
         raise ConfigError(f"--top must be 0 (all) or more, got {args.top}")
     specs = stream_specs(args, config, projecting=False)
