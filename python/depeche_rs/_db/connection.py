@@ -50,42 +50,35 @@ def sqlalchemy_url(dsn: str) -> str:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ValueError(f"unsupported DSN: {str(exc).strip()}") from None
-    url = _url_from_params({k: str(v) for k, v in params.items() if v is not None})
-    return url.render_as_string(hide_password=False)
-
-
-def _url_from_params(params: dict[str, str]) -> sa.URL:
-    user = params.pop("user", None)
-    password = params.pop("password", None)
-    database = params.pop("dbname", None)
-    host = params.get("host")
-    port = params.get("port")
-    plain_host = host is None or ("," not in host and not host.startswith("/"))
-    plain_port = port is None or port.isdigit()
-    if plain_host and plain_port:
-        params.pop("host", None)
-        params.pop("port", None)
+    query = {k: str(v) for k, v in params.items() if v is not None}
+    user, password = query.pop("user", None), query.pop("password", None)
+    database = query.pop("dbname", None)
+    host, port = query.get("host"), query.get("port")
+    plain = (host is None or ("," not in host and not host.startswith("/"))) and (
+        port is None or port.isdigit()
+    )
+    if plain:
+        query.pop("host", None)
+        query.pop("port", None)
     # Otherwise (a socket directory, several hosts or ports) they stay in the query, which
     # SQLAlchemy's psycopg dialect hands to libpq as they are.
-    return sa.URL.create(
+    url = sa.URL.create(
         "postgresql+psycopg",
         username=user,
         password=password,
-        host=host if plain_host and plain_port else None,
-        port=int(port) if plain_host and plain_port and port else None,
+        host=host if plain else None,
+        port=int(port) if plain and port else None,
         database=database,
-        query=params,
+        query=query,
     )
+    return url.render_as_string(hide_password=False)
 
 
 def libpq_conninfo(url: sa.URL) -> str:
     """A SQLAlchemy URL as a libpq key/value conninfo, with its password, for the Rust
     engine and LISTEN (psycopg's `make_conninfo` quotes what needs quoting)."""
-    params: dict[str, str | int] = {}
-    for key, value in url.translate_connect_args(username="user", database="dbname").items():
-        params[key] = value
-    for key, values in url.query.items():
-        params[key] = values if isinstance(values, str) else ",".join(values)
+    params = url.translate_connect_args(username="user", database="dbname")
+    params.update((k, v if isinstance(v, str) else ",".join(v)) for k, v in url.query.items())
     return make_conninfo("", **params)
 
 
@@ -180,11 +173,8 @@ class ConnectionOwners:
         with self._mutex:
             self._purge()
             refs = list(self._closers.values())
-        closers = [ref() for ref in refs]
         first: Exception | None = None
-        for close in closers:
-            if close is None:
-                continue
+        for close in filter(None, [ref() for ref in refs]):
             try:
                 close()
             except Exception as exc:
@@ -203,10 +193,5 @@ def owners_of(engine: sa.Engine) -> ConnectionOwners:
         owners = _engine_owners.get(engine)
         if owners is None:
             owners = _engine_owners[engine] = ConnectionOwners()
-            close_all = owners.close_all
-
-            def on_dispose(_: sa.Engine) -> None:
-                close_all()
-
-            sa.event.listen(engine, "engine_disposed", on_dispose)
+            sa.event.listen(engine, "engine_disposed", lambda _: owners.close_all())
         return owners

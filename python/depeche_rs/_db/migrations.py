@@ -16,6 +16,11 @@ from .. import _names
 from . import schema
 
 
+def _do(body: str) -> str:
+    """`body` as the one anonymous PL/pgSQL block of a migration script."""
+    return f"\nDO $migrate$\nBEGIN{body}\nEND\n$migrate$;\n"
+
+
 def _rename_legacy(old: str, new: str, trigger: str | None = None) -> str:
     """PL/pgSQL renaming the <=0.8.0 table `old` to `new` (and dropping its notify trigger
     and function `trigger`), unless `new` exists already."""
@@ -30,17 +35,14 @@ def _rename_legacy(old: str, new: str, trigger: str | None = None) -> str:
 def stream_migration_ddl(agg: str, store: str | None) -> str:
     """The migration script of aggregated stream `agg` (over store `store`, if known)."""
     _names.validate_name(agg, "aggregated stream name")
+    t = _names.stream_table(agg)
     if store is not None:
         _names.validate_name(store, "store name")
-    t = _names.stream_table(agg)
-    old = f"{agg}_projected_stream"
-    if store is not None:
-        msgs = _names.message_table(store)
         fill = f"""
       UPDATE {t} AS agg
          SET origin_stream_global_position = msg.global_position,
              origin_stream_added_at = msg.added_at
-        FROM {msgs} AS msg
+        FROM {_names.message_table(store)} AS msg
        WHERE agg.message_id = msg.message_id;
       ALTER TABLE {t}
         ALTER COLUMN origin_stream_global_position SET NOT NULL,
@@ -50,48 +52,31 @@ def stream_migration_ddl(agg: str, store: str | None) -> str:
       RAISE EXCEPTION 'aggregated stream {agg} has the depeche-db 0.8-0.10 layout: pass '
         'message_store_name to get_migration_ddl/migrate_db_objects (or --store) so the '
         'origin global positions can be filled in';"""
-    return f"""
-DO $migrate$
-BEGIN{_rename_legacy(old, t, f"{agg}_stream_notify_message_inserted")}
+    add_columns = f"""
   IF to_regclass('{t}') IS NOT NULL AND NOT EXISTS (
       SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass
          AND attname = 'origin_stream_global_position' AND NOT attisdropped) THEN
     ALTER TABLE {t}
       ADD COLUMN origin_stream_global_position bigint NULL,
       ADD COLUMN origin_stream_added_at timestamp NULL;{fill}
-  END IF;
-END
-$migrate$;
-{schema.stream_ddl(agg)}
-"""
+  END IF;"""
+    rename = _rename_legacy(f"{agg}_projected_stream", t, f"{agg}_stream_notify_message_inserted")
+    return _do(rename + add_columns) + f"{schema.stream_ddl(agg)}\n"
 
 
 def store_migration_ddl(store: str) -> str:
     """The migration script of store `store` (from the <=0.8.0 `<store>_messages` table)."""
     _names.validate_name(store, "store name")
     t = _names.message_table(store)
-    old = f"{store}_messages"
-    return f"""
-DO $migrate$
-BEGIN{_rename_legacy(old, t, f"{store}_notify_message_inserted")}
-  DROP FUNCTION IF EXISTS {store}_write_message CASCADE;
-END
-$migrate$;
-{schema.store_ddl(store)}
-"""
+    rename = _rename_legacy(f"{store}_messages", t, f"{store}_notify_message_inserted")
+    drop = f"\n  DROP FUNCTION IF EXISTS {store}_write_message CASCADE;"
+    return _do(rename + drop) + f"{schema.store_ddl(store)}\n"
 
 
 def subscription_migration_ddl(name: str) -> str:
     """The migration script of subscription state table `name` (from <=0.8.0)."""
     _names.validate_name(name, "subscription state name")
-    t = _names.subscription_table(name)
-    old = f"{name}_subscription_state"
-    return f"""
-DO $migrate$
-BEGIN{_rename_legacy(old, t)}
-END
-$migrate$;
-"""
+    return _do(_rename_legacy(f"{name}_subscription_state", _names.subscription_table(name)))
 
 
 def depeche_db_0_14_ddl(store: str, streams: list[str]) -> str:
@@ -108,8 +93,6 @@ def depeche_db_0_14_ddl(store: str, streams: list[str]) -> str:
     so running it again repairs them, e.g. after a `truncate()`.
     """
     _names.validate_name(store, "store name")
-    for agg in streams:
-        _names.validate_name(agg, "aggregated stream name")
     msgs = _names.message_table(store)
     meta = _names.meta_table(store)
     parts = [
@@ -132,7 +115,7 @@ DELETE FROM {meta} AS m
  WHERE NOT EXISTS (SELECT 1 FROM {msgs} AS s WHERE s.stream = m.stream);"""
     ]
     for agg in streams:
-        t = _names.stream_table(agg)
+        t = _names.stream_table(_names.validate_name(agg, "aggregated stream name"))
         omax = _names.omax_table(agg)
         parts.append(f"""
 LOCK TABLE {t} IN EXCLUSIVE MODE;

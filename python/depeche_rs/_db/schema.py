@@ -184,6 +184,15 @@ def _is_current(conn: sa.Connection, table: str) -> bool:
     return comment == SCHEMA_VERSION
 
 
+def _on_inserted_rows(function: str, table: str, argument: str) -> str:
+    """The statement-level trigger calling `function` with `argument` after an insert into
+    `table`, its rows as `new_rows`; named after the function."""
+    return f"""DROP TRIGGER IF EXISTS {function} ON {table};
+CREATE TRIGGER {function}
+  AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION {function}('{argument}');"""
+
+
 def _drop_per_name_notify(table: str, name: str) -> str:
     """Drop the per-name trigger and function of schema 2 (replaced by shared ones).
 
@@ -302,16 +311,10 @@ $$ LANGUAGE plpgsql VOLATILE;
 {NOTIFY_MESSAGES_FUNCTION}
 DROP TRIGGER IF EXISTS {_names.pg_identifier(f"depeche_storage_new_msg_{store}")} ON {t};
 {_drop_per_name_notify(t, f"depeche_rs_msgs_notify_{store}")}
-DROP TRIGGER IF EXISTS depeche_rs_notify_messages ON {t};
-CREATE TRIGGER depeche_rs_notify_messages
-  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_notify_messages('{channel}');
+{_on_inserted_rows("depeche_rs_notify_messages", t, channel)}
 -- depeche-db 0.14's row trigger (dropped above: it notifies too) kept its meta table.
 {UPKEEP_META_FUNCTION}
-DROP TRIGGER IF EXISTS depeche_rs_upkeep_meta ON {t};
-CREATE TRIGGER depeche_rs_upkeep_meta
-  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_upkeep_meta('{_names.meta_table(store)}');
+{_on_inserted_rows("depeche_rs_upkeep_meta", t, _names.meta_table(store))}
 COMMENT ON TABLE {t} IS '{SCHEMA_VERSION}';
 """
 
@@ -377,16 +380,10 @@ SELECT partition, max(position) FROM {t}
 {NOTIFY_PARTITIONS_FUNCTION}
 DROP TRIGGER IF EXISTS {_names.pg_identifier(f"depeche_stream_new_msg_{agg}")} ON {t};
 {_drop_per_name_notify(t, f"depeche_rs_stream_notify_{agg}")}
-DROP TRIGGER IF EXISTS depeche_rs_notify_partitions ON {t};
-CREATE TRIGGER depeche_rs_notify_partitions
-  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_notify_partitions('{channel}');
+{_on_inserted_rows("depeche_rs_notify_partitions", t, channel)}
 -- depeche-db 0.14's projector keeps its omax table itself; ours (and anyone's) through this.
 {UPKEEP_OMAX_FUNCTION}
-DROP TRIGGER IF EXISTS depeche_rs_upkeep_omax ON {t};
-CREATE TRIGGER depeche_rs_upkeep_omax
-  AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION depeche_rs_upkeep_omax('{_names.omax_table(agg)}');
+{_on_inserted_rows("depeche_rs_upkeep_omax", t, _names.omax_table(agg))}
 
 -- Whoever deletes projected rows (depeche-db's truncate() is a DELETE, ours too, an
 -- operator's TRUNCATE) invalidates the cursors' promise that everything below them is
