@@ -112,13 +112,10 @@ class AggregatedStream(Generic[E]):
         """The message store this stream aggregates."""
         return self._store
 
-    @_contextlib.contextmanager
-    def _connection(self, conn: _sa.Connection | None = None) -> Iterator[_sa.Connection]:
-        if conn is not None:
-            yield conn
-        else:
-            with _connect(self._store.engine) as own:
-                yield own
+    def _connection(
+        self, conn: _sa.Connection | None = None
+    ) -> _contextlib.AbstractContextManager[_sa.Connection]:
+        return _contextlib.nullcontext(conn) if conn is not None else _connect(self._store.engine)
 
     def truncate(self, conn: _sa.Connection) -> None:
         """Delete every message of the aggregated stream, inside the caller's transaction.
@@ -159,9 +156,7 @@ class AggregatedStream(Generic[E]):
                 "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s",
                 (partition, start, count),
             ):
-                yield AggregatedStreamMessage(
-                    partition=partition, position=position, message_id=message_id
-                )
+                yield AggregatedStreamMessage(partition, position, message_id)
 
     def get_partition_statistics(
         self,
@@ -180,8 +175,6 @@ class AggregatedStream(Generic[E]):
         if isinstance(position_limits, int) and not isinstance(position_limits, bool):
             position_limits, result_limit = None, position_limits
         limits: dict[int, int] = position_limits if isinstance(position_limits, dict) else {}
-        partitions = list(limits.keys())
-        positions = [limits[p] for p in partitions]
         query = (
             "SELECT p.partition, n.message_id, n.position, n.message_occurred_at, p.max_position "
             f"FROM {self._maxpos_table} AS p "
@@ -194,7 +187,7 @@ class AggregatedStream(Generic[E]):
             "  ORDER BY a.position LIMIT 1) AS n "
             "WHERE p.max_position > coalesce(l.position, -1)"
         )
-        params: tuple[Any, ...] = (partitions, positions)
+        params: tuple[Any, ...] = (list(limits), list(limits.values()))
         if result_limit is not None:
             query += " ORDER BY n.message_occurred_at, p.partition LIMIT %s"
             params += (result_limit,)
@@ -202,26 +195,16 @@ class AggregatedStream(Generic[E]):
             query += " ORDER BY p.partition"
         with self._connection(conn) as c:
             rows = c.exec_driver_sql(query, params).fetchall()
-        for partition, message_id, position, occurred_at, max_position in rows:
-            yield StreamPartitionStatistic(
-                partition_number=partition,
-                next_message_id=message_id,
-                next_message_position=position,
-                next_message_occurred_at=occurred_at,
-                max_position=max_position,
-            )
+        for row in rows:
+            yield StreamPartitionStatistic(*row)
 
     def get_max_aggregated_stream_positions(
         self, conn: _sa.Connection | None = None
     ) -> dict[int, int]:
         """Return partition -> highest position."""
+        query = f"SELECT partition, max_position FROM {self._maxpos_table}"
         with self._connection(conn) as c:
-            return {
-                p: m
-                for p, m in c.exec_driver_sql(
-                    f"SELECT partition, max_position FROM {self._maxpos_table}"
-                )
-            }
+            return dict(c.exec_driver_sql(query).tuples().all())
 
     def time_to_positions(self, time: _dt.datetime) -> dict[int, int]:
         """Return, per partition, the first position whose message time is at or after `time`.
@@ -236,16 +219,7 @@ class AggregatedStream(Generic[E]):
         if time.tzinfo is None or time.utcoffset() is None:
             raise NaiveDatetimeError("time must be timezone aware, e.g. datetime.now(timezone.utc)")
         utc = time.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        with self._connection() as c:
-            rows = c.exec_driver_sql(
-                "SELECT p.partition, coalesce(("
-                f"  SELECT min(a.position) FROM {self._table} AS a "
-                "   WHERE a.partition = p.partition AND a.message_occurred_at >= %s"
-                "), p.max_position + 1) "
-                f"FROM {self._maxpos_table} AS p",
-                (utc,),
-            ).fetchall()
-        return {p: pos for p, pos in rows}
+        return self._per_partition("min", "a.message_occurred_at >= %s", "p.max_position + 1", utc)
 
     def global_position_to_positions(self, global_position: int) -> dict[int, int]:
         """Return, per partition, the highest position of a message at or before
@@ -254,17 +228,21 @@ class AggregatedStream(Generic[E]):
         Args:
             global_position: Global position
         """
+        condition = "a.origin_stream_global_position <= %s"
+        return self._per_partition("max", condition, "-1", global_position)
+
+    def _per_partition(
+        self, aggregate: str, condition: str, default: str, param: Any
+    ) -> dict[int, int]:
+        """Per partition, `aggregate` of the positions whose rows meet `condition`, else
+        `default`."""
+        query = (
+            f"SELECT p.partition, coalesce((SELECT {aggregate}(a.position) FROM {self._table} AS a "
+            f"WHERE a.partition = p.partition AND {condition}), {default}) "
+            f"FROM {self._maxpos_table} AS p"
+        )
         with self._connection() as c:
-            rows = c.exec_driver_sql(
-                "SELECT p.partition, coalesce(("
-                f"  SELECT max(a.position) FROM {self._table} AS a "
-                "   WHERE a.partition = p.partition "
-                "     AND a.origin_stream_global_position <= %s"
-                "), -1) "
-                f"FROM {self._maxpos_table} AS p",
-                (global_position,),
-            ).fetchall()
-        return {p: pos for p, pos in rows}
+            return dict(c.exec_driver_sql(query, (param,)).tuples().all())
 
     @staticmethod
     def stream_table_name(name: str) -> str:

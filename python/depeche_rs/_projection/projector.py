@@ -22,6 +22,7 @@ from .._interfaces import (
     RunOnNotificationResult,
     StoredMessage,
     TimeBudget,
+    stored_message,
 )
 from .._native import Projector as NativeProjector
 from .._native import ResolveRow
@@ -86,12 +87,6 @@ def builtin_partitioner(partitioner: Any) -> tuple[str, int | None] | None:
     return None
 
 
-def _utc_naive(value: _dt.datetime) -> _dt.datetime:
-    if value.tzinfo is None:
-        return value
-    return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-
-
 class StreamProjector(Generic[E]):
     """Keeps an aggregated stream up to date with its origin streams.
 
@@ -134,9 +129,7 @@ class StreamProjector(Generic[E]):
     def interested_in_notification(self, notification: dict[str, Any]) -> bool:
         """True when the notified stream matches one of the wildcards."""
         stream = notification.get("stream")
-        if isinstance(stream, str):
-            return any(regex.fullmatch(stream) for regex in self.stream_regexes)
-        return False
+        return isinstance(stream, str) and any(r.fullmatch(stream) for r in self.stream_regexes)
 
     def take_notification_hint(self, notification: dict[str, Any]) -> None:
         """Nothing to take: the projector always reads from its cursor."""
@@ -219,21 +212,13 @@ class StreamProjector(Generic[E]):
                 message = serializer.deserialize(_json.loads(row.message))  # type: ignore[arg-type]
             except Exception as exc:
                 raise self._poison("cannot be deserialized", exc, row) from exc
-            partition: int | None = None
-            if need_partition:
-                stored = StoredMessage(
-                    message_id=row.message_id,
-                    stream=row.stream,
-                    version=row.version,
-                    message=message,
-                    global_position=row.global_position,
-                    added_at=row.added_at,
-                )
-                partition = self._partition(stored)
+            partition = self._partition(stored_message(row, message)) if need_partition else None
             occurred_at = row.occurred_at
             if occurred_at is None:
                 try:
-                    occurred_at = _utc_naive(message.get_message_time())
+                    occurred_at = message.get_message_time()
+                    if occurred_at.tzinfo is not None:
+                        occurred_at = occurred_at.astimezone(_dt.timezone.utc).replace(tzinfo=None)
                 except Exception as exc:
                     what = "has no message time (its get_message_time() raised)"
                     raise self._poison(what, exc, row) from exc
