@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 import threading
 from typing import Any
 
@@ -25,8 +24,7 @@ def advisory_lock_key(app_name: str, lock_name: str) -> int:
     depeche-db consumer and a depeche-rs consumer of one subscription exclude each other.
     """
     digest = hashlib.sha1(f"{app_name}.{lock_name}".encode()).digest()
-    key: int = struct.unpack("<q", digest[:8])[0]
-    return key
+    return int.from_bytes(digest[:8], "little", signed=True)
 
 
 class DbLockProvider:

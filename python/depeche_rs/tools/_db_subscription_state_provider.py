@@ -13,26 +13,6 @@ from .._interfaces import SubscriptionState
 from .._names import subscription_table, validate_name
 
 
-def _ddl(table: str) -> str:
-    # depeche-db's layout; position is bigint (a widening, compatible with its integer).
-    return (
-        f"CREATE TABLE IF NOT EXISTS {table} ("
-        " subscription_name varchar NOT NULL,"
-        " partition integer NOT NULL,"
-        " position bigint NOT NULL,"
-        " PRIMARY KEY (subscription_name, partition))"
-    )
-
-
-def store_sql(table: str) -> str:
-    """Upsert of one partition's position (parameters: name, partition, position)."""
-    return (
-        f"INSERT INTO {table} AS s (subscription_name, partition, position) "
-        "VALUES (%s, %s, %s) "
-        "ON CONFLICT (subscription_name, partition) DO UPDATE SET position = excluded.position"
-    )
-
-
 class DbSubscriptionStateProvider:
     """Stores subscription state in `depeche_subscriptions_<name>` (depeche-db's table).
 
@@ -58,12 +38,24 @@ class DbSubscriptionStateProvider:
         self._engine = to_engine(engine)
         self.table = subscription_table(self.name)
         self.synchronous_commit = synchronous_commit
-        self._store_sql = store_sql(self.table)
+        # Upsert of one partition's position (parameters: name, partition, position).
+        self._store_sql = (
+            f"INSERT INTO {self.table} AS s (subscription_name, partition, position) "
+            "VALUES (%s, %s, %s) "
+            "ON CONFLICT (subscription_name, partition) DO UPDATE SET position = excluded.position"
+        )
         self._initialized: set[str] = set()
         self._mutex = threading.Lock()
         with connect(self._engine) as conn:
             conn.exec_driver_sql(lock_sql(self.table))
-            conn.exec_driver_sql(_ddl(self.table))
+            # depeche-db's layout; position is bigint (a widening, compatible with its integer).
+            conn.exec_driver_sql(
+                f"CREATE TABLE IF NOT EXISTS {self.table} ("
+                " subscription_name varchar NOT NULL,"
+                " partition integer NOT NULL,"
+                " position bigint NOT NULL,"
+                " PRIMARY KEY (subscription_name, partition))"
+            )
             conn.commit()
 
     @property
@@ -86,7 +78,7 @@ class DbSubscriptionStateProvider:
         if subscription_name in self._initialized:
             return True
         with connect(self._engine) as conn:
-            found = self._session(conn).initialized(subscription_name)
+            found = _Session(conn, self).initialized(subscription_name)
         if found:
             with self._mutex:
                 self._initialized.add(subscription_name)
@@ -95,13 +87,13 @@ class DbSubscriptionStateProvider:
     def store(self, subscription_name: str, partition: int, position: int) -> None:
         """Store the last acknowledged position of `partition` (own transaction)."""
         with connect(self._engine) as conn:
-            self._session(conn).store(subscription_name, partition, position)
+            _Session(conn, self).store(subscription_name, partition, position)
             conn.commit()
 
     def read(self, subscription_name: str) -> SubscriptionState:
         """Read the state of `subscription_name`."""
         with connect(self._engine) as conn:
-            return self._session(conn).read(subscription_name)
+            return _Session(conn, self).read(subscription_name)
 
     def session(self, conn: sa.Connection | None = None, **kwargs: Any) -> _Session:
         """A provider working inside the caller's transaction on `conn` (caller commits)."""
@@ -113,9 +105,6 @@ class DbSubscriptionStateProvider:
             raise TypeError(
                 f"DbSubscriptionStateProvider.session() got unexpected arguments {sorted(kwargs)}"
             )
-        return self._session(conn)
-
-    def _session(self, conn: sa.Connection) -> _Session:
         return _Session(conn, self)
 
     @classmethod
@@ -175,10 +164,7 @@ class _Session:
         the message meanwhile. The row lock makes concurrent acknowledgements wait for
         each other, so exactly one of them succeeds."""
         row = self._conn.exec_driver_sql(
-            f"INSERT INTO {self._parent.table} AS s (subscription_name, partition, position) "
-            "VALUES (%s, %s, %s) ON CONFLICT (subscription_name, partition) "
-            "DO UPDATE SET position = excluded.position WHERE s.position < excluded.position "
-            "RETURNING 1",
+            self._parent._store_sql + " WHERE s.position < excluded.position RETURNING 1",
             (subscription_name, partition, position),
         ).first()
         return row is not None

@@ -99,9 +99,7 @@ class PgNotificationListener:
     def backend_pid(self) -> int | None:
         """The server process id of the LISTEN connection (None while reconnecting)."""
         conn = self._conn
-        if conn is None or conn.closed:
-            return None
-        return conn.info.backend_pid
+        return None if conn is None or conn.closed else conn.info.backend_pid
 
     def start(self) -> None:
         """Connect, LISTEN, and start the background thread.
@@ -203,7 +201,7 @@ class PgNotificationListener:
             got_any = False
             for notify in conn.notifies(timeout=_POLL_SECONDS):
                 got_any = True
-                self._deliver(notify)
+                self._queue.put(to_pg_notification(notify, self._ignore_payload))
                 if self._stopping.is_set():
                     return
             now = time.monotonic()
@@ -212,9 +210,6 @@ class PgNotificationListener:
             elif now - quiet_since > _HEALTH_CHECK_SECONDS:
                 conn.execute("SELECT 1")
                 quiet_since = now
-
-    def _deliver(self, notify: psycopg.Notify) -> None:
-        self._queue.put(to_pg_notification(notify, self._ignore_payload))
 
 
 def to_pg_notification(notify: psycopg.Notify, ignore_payload: bool) -> PgNotification:

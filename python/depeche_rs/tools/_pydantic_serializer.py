@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -58,12 +59,7 @@ class PydanticMessageSerializer(Generic[T]):
 
     def _add(self, name: str, model: Any) -> None:
         self.message_types.add(name)
-
-        def serialize(message: Any) -> dict[str, Any]:
-            result: dict[str, Any] = message.model_dump(mode="json")
-            return result
-
-        self.serializers[name] = serialize
+        self.serializers[name] = operator.methodcaller("model_dump", mode="json")
         self.deserializers[name] = model.model_validate
 
     def serialize(self, message: T) -> dict[str, Any]:
