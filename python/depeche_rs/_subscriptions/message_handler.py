@@ -177,24 +177,15 @@ class MessageHandlerRegister(Generic[E]):
         Set `requires_middleware` if the handler takes more than the message.
         """
         where = _describe(handler)
-        pass_subscription_message = False
-        pass_stored_message = False
         origin = typing.get_origin(handled_type)
         if handled_type in (SubscriptionMessage, StoredMessage):
             origin, handled_type = handled_type, Any
         elif origin in (SubscriptionMessage, StoredMessage):
             handled_type = typing.get_args(handled_type)[0]
-        if origin is SubscriptionMessage:
-            pass_subscription_message = True
-        elif origin is StoredMessage:
-            pass_stored_message = True
         message_types = _message_types(handled_type, where)
         self._assert_types_free(message_types, where)
         descriptor: HandlerDescriptor[E] = HandlerDescriptor(
-            handler=handler,
-            pass_subscription_message=pass_subscription_message,
-            pass_stored_message=pass_stored_message,
-            requires_middleware=requires_middleware,
+            handler, origin is SubscriptionMessage, origin is StoredMessage, requires_middleware
         )
         for message_type in message_types:
             self._handlers[message_type] = descriptor
@@ -223,10 +214,8 @@ class MessageHandlerRegister(Generic[E]):
         try:
             return self._cache[message_type]
         except KeyError:
-            pass
-        found = self._find(message_type)
-        self._cache[message_type] = found
-        return found
+            found = self._cache[message_type] = self._find(message_type)
+            return found
 
     def _find(self, message_type: type[Any]) -> HandlerDescriptor[E] | None:
         for base in getattr(message_type, "__mro__", (message_type,)):
