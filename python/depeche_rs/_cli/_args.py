@@ -19,7 +19,6 @@ from ._signals import Abandoned
 from ._status import run_status
 
 EXIT_OK = 0
-EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 _DSN_HELP = f"PostgreSQL URL (default: ${DSN_ENV}, or dsn in the config file)"
@@ -64,24 +63,18 @@ def _add_project(commands: Any) -> None:
         metavar="FIELD",
         help="JSON field holding the message time when no serializer is given (repeatable)",
     )
-    p.add_argument(
-        "--poll-interval",
-        type=float,
-        metavar="SECONDS",
-        help="pass without a notification, and standby lock attempts, this often (1)",
-    )
-    p.add_argument(
-        "--stop-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="after SIGTERM/SIGINT, abandon (roll back) a batch still running this late (3)",
-    )
-    p.add_argument(
-        "--progress-interval",
-        type=float,
-        metavar="SECONDS",
-        help="progress line this often when stderr is not a terminal (10)",
-    )
+    for flag, help_text in (
+        (
+            "--poll-interval",
+            "pass without a notification, and standby lock attempts, this often (1)",
+        ),
+        (
+            "--stop-timeout",
+            "after SIGTERM/SIGINT, abandon (roll back) a batch still running this late (3)",
+        ),
+        ("--progress-interval", "progress line this often when stderr is not a terminal (10)"),
+    ):
+        p.add_argument(flag, type=float, metavar="SECONDS", help=help_text)
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics")
     p.add_argument("--metrics-host", metavar="HOST", help="address to serve them on (0.0.0.0)")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")

@@ -64,10 +64,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-class Console:
-    """stderr, shared by log lines and the progress line (shown only on a TTY)."""
+class Console(logging.Handler):
+    """stderr, shared by log lines and the progress line (shown only on a TTY); the handler
+    of the command's log records."""
 
     def __init__(self, stream: TextIO) -> None:
+        super().__init__()
         self.stream = stream
         self.is_tty = bool(getattr(stream, "isatty", lambda: False)())
         self._status = ""
@@ -100,15 +102,10 @@ class Console:
                 self.stream.flush()
             self._status = ""
 
-
-class _ConsoleHandler(logging.Handler):
-    def __init__(self, console: Console) -> None:
-        super().__init__()
-        self.console = console
-
     def emit(self, record: logging.LogRecord) -> None:
+        """Write `record` as a line."""
         try:
-            self.console.line(self.format(record))
+            self.line(self.format(record))
         except Exception:
             self.handleError(record)
 
@@ -116,11 +113,10 @@ class _ConsoleHandler(logging.Handler):
 def setup_logging(log_format: str, level: str, stream: TextIO | None = None) -> Console:
     """Send the command's events to `stream` (stderr) in `log_format` ("text" or "json")."""
     console = Console(stream if stream is not None else sys.stderr)
-    handler = _ConsoleHandler(console)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    console.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     for old in list(logger.handlers):
         logger.removeHandler(old)
-    logger.addHandler(handler)
+    logger.addHandler(console)
     logger.setLevel(level.upper())
     # The command's lines are complete on their own; the root logger would print them twice.
     logger.propagate = False

@@ -316,8 +316,9 @@ class ProjectLoop:
             took = time.monotonic() - started
             if stream.lost_since is not None:
                 down, stream.lost_since = time.monotonic() - stream.lost_since, None
-                what = f"{stream.name}: the projector"
-                self._reconnected(stream.name, what, down, stream=stream.name)
+                self._reconnected(
+                    stream.name, f"{stream.name}: the projector", down, stream=stream.name
+                )
             stream.backoff.reset()
             if locked:
                 return self._table_locked(stream)
@@ -350,28 +351,24 @@ class ProjectLoop:
             else f"; live on NOTIFY {stream.notification_channel}, polling every {self.poll:g} s"
         )
         progress, stream.progress = stream.progress, None
-        if progress is None:
-            event(
-                logging.INFO,
-                "caught_up",
-                f"{stream.name}: caught up, nothing to project{live}",
-                stream=stream.name,
-                projected=0,
-            )
-        else:
+        text = "caught up, nothing to project"
+        fields: dict[str, float] = {"projected": 0}
+        if progress is not None:
             progress.finish()
             seconds = progress.elapsed
             rate = progress.done / seconds if seconds > 0 else 0.0
-            event(
-                logging.INFO,
-                "caught_up",
-                f"{stream.name}: caught up: projected {progress.done:,} messages in "
-                f"{seconds:.2f} s ({rate:,.0f} msg/s){live}",
-                stream=stream.name,
-                projected=progress.done,
-                seconds=round(seconds, 3),
-                rate=round(rate, 1),
+            text = (
+                f"caught up: projected {progress.done:,} messages in {seconds:.2f} s "
+                f"({rate:,.0f} msg/s)"
             )
+            fields = {
+                "projected": progress.done,
+                "seconds": round(seconds, 3),
+                "rate": round(rate, 1),
+            }
+        event(
+            logging.INFO, "caught_up", f"{stream.name}: {text}{live}", stream=stream.name, **fields
+        )
         if self.settings.once:
             stream.finished = True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 import psycopg
@@ -26,14 +27,7 @@ from ._config import ConfigError, resolve_dsn
 _LOCK = schema.lock_sql() + ";"
 
 
-def migration_script(
-    store: str,
-    streams: list[str],
-    subscriptions: list[str],
-    reset_cursors: bool = False,
-    depeche_db_0_14: bool = False,
-) -> str:
-    """The whole script, without BEGIN/COMMIT."""
+def _validate_names(store: str, streams: Sequence[str], subscriptions: Sequence[str] = ()) -> None:
     try:
         _names.validate_name(store, "store name")
         for stream in streams:
@@ -42,6 +36,17 @@ def migration_script(
             _names.validate_name(name, "subscription state name")
     except InvalidNameError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def migration_script(
+    store: str,
+    streams: list[str],
+    subscriptions: list[str],
+    reset_cursors: bool = False,
+    depeche_db_0_14: bool = False,
+) -> str:
+    """The whole script, without BEGIN/COMMIT."""
+    _validate_names(store, streams, subscriptions)
     parts = [_LOCK, f"-- store {store}", migrations.store_migration_ddl(store).strip()]
     for stream in streams:
         parts += [
@@ -75,12 +80,7 @@ def run_generate_migration_script(args: argparse.Namespace, out: TextIO | None =
     """`generate-migration-script PREV TARGET`, as depeche-db's command prints it."""
     out = out if out is not None else sys.stdout
     prev, target = _version(args.prev_version), _version(args.target_version)
-    try:
-        _names.validate_name(args.message_store, "store name")
-        for stream in args.aggregated_streams:
-            _names.validate_name(stream, "aggregated stream name")
-    except InvalidNameError as exc:
-        raise ConfigError(str(exc)) from exc
+    _validate_names(args.message_store, args.aggregated_streams)
     for version, generators in AggregatedStream.migration_script_generators().items():
         if not prev <= version <= target:
             continue

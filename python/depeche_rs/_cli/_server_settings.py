@@ -30,15 +30,9 @@ from .. import _names
 # checkpoint on a fresh cluster says nothing about a setting.
 _MIN_FORCED_CHECKPOINTS = 3
 
-_CHECKPOINTS = {
-    # PostgreSQL 17 moved the counters to their own view.
-    "pg_stat_checkpointer": (
-        "SELECT num_timed, num_requested, stats_reset FROM pg_stat_checkpointer"
-    ),
-    "pg_stat_bgwriter": (
-        "SELECT checkpoints_timed, checkpoints_req, stats_reset FROM pg_stat_bgwriter"
-    ),
-}
+_CHECKPOINTS_QUERY = "SELECT checkpoints_timed, checkpoints_req, stats_reset FROM pg_stat_bgwriter"
+# PostgreSQL 17 moved the counters to their own view.
+_CHECKPOINTS_QUERY_17 = "SELECT num_timed, num_requested, stats_reset FROM pg_stat_checkpointer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,32 +62,28 @@ def _show(conn: psycopg.Connection[Any], setting: str) -> str:
 
 
 def _checkpoints(conn: psycopg.Connection[Any]) -> SettingAdvice | None:
-    for view, query in _CHECKPOINTS.items():
-        found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (view,)).fetchone()
-        if found is None or not found[0]:
-            continue
-        row = conn.execute(query).fetchone()
-        if row is None:
-            return None
-        timed, requested, reset = int(row[0]), int(row[1]), row[2]
-        if requested < _MIN_FORCED_CHECKPOINTS or requested <= timed:
-            return None
-        since = f" since {reset:%Y-%m-%d %H:%M %Z}".rstrip() if reset is not None else ""
-        return SettingAdvice(
-            setting="max_wal_size",
-            value=_show(conn, "max_wal_size"),
-            finding=(
-                f"{requested} of {requested + timed} checkpoints{since} were forced by WAL "
-                "volume, and each makes the next inserts into the aggregated tables write "
-                "full-page images"
-            ),
-            advice=(
-                "raise it so checkpoints come from checkpoint_timeout "
-                f"({_show(conn, 'checkpoint_timeout')}) instead, e.g. ALTER SYSTEM SET "
-                "max_wal_size = '8GB'; SELECT pg_reload_conf()"
-            ),
-        )
-    return None
+    modern = conn.info.server_version >= 170000
+    row = conn.execute(_CHECKPOINTS_QUERY_17 if modern else _CHECKPOINTS_QUERY).fetchone()
+    if row is None:
+        return None
+    timed, requested, reset = int(row[0]), int(row[1]), row[2]
+    if requested < _MIN_FORCED_CHECKPOINTS or requested <= timed:
+        return None
+    since = f" since {reset:%Y-%m-%d %H:%M %Z}".rstrip() if reset is not None else ""
+    return SettingAdvice(
+        setting="max_wal_size",
+        value=_show(conn, "max_wal_size"),
+        finding=(
+            f"{requested} of {requested + timed} checkpoints{since} were forced by WAL "
+            "volume, and each makes the next inserts into the aggregated tables write "
+            "full-page images"
+        ),
+        advice=(
+            "raise it so checkpoints come from checkpoint_timeout "
+            f"({_show(conn, 'checkpoint_timeout')}) instead, e.g. ALTER SYSTEM SET "
+            "max_wal_size = '8GB'; SELECT pg_reload_conf()"
+        ),
+    )
 
 
 def _index_bytes(conn: psycopg.Connection[Any], stream: str) -> int:

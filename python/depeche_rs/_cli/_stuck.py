@@ -80,31 +80,23 @@ def stuck_cause(spec: StreamSpec, exc: BaseException) -> Stuck:
     """What `exc`, raised by a batch of `spec`'s stream, means for the operator."""
     advice = _advice(spec, exc)
     error = _one_line(exc) + (f"; to go on: {advice}" if advice else "")
-    if isinstance(exc, PoisonMessageError):
-        return Stuck(
-            kind=type(exc).__name__,
-            error=error,
-            message_id=_uuid_or_none(exc.message_id),
-            origin_stream=exc.stream,
-            version=exc.version,
-            global_position=exc.global_position,
-        )
-    if isinstance(exc, PartitionerError):
-        return Stuck(
-            kind=type(exc).__name__,
-            error=error,
-            message_id=_uuid_or_none(exc.message_id),
-            origin_stream=exc.stream,
-        )
-    return Stuck(kind=type(exc).__name__, error=error)
+    if not isinstance(exc, (PoisonMessageError, PartitionerError)):
+        return Stuck(kind=type(exc).__name__, error=error)
+    # A partitioner error names the message and its stream only.
+    return Stuck(
+        kind=type(exc).__name__,
+        error=error,
+        message_id=_uuid_or_none(exc.message_id),
+        origin_stream=exc.stream,
+        version=getattr(exc, "version", None),
+        global_position=getattr(exc, "global_position", None),
+    )
 
 
 def signature(stuck: Stuck) -> tuple[str, str]:
     """What makes two failures the same: the message when one is to blame, else the
     error itself (a new cause is logged again, the same one is not)."""
-    if stuck.message_id is not None:
-        return (stuck.kind, str(stuck.message_id))
-    return (stuck.kind, stuck.error)
+    return (stuck.kind, stuck.error if stuck.message_id is None else str(stuck.message_id))
 
 
 def where(stuck: Stuck, store: str | None) -> str:
@@ -147,24 +139,18 @@ class StuckState:
         return self.cause is not None or self.in_registry
 
 
+@dataclasses.dataclass
 class StuckStreams:
     """Says once that a stream is stuck and when it resumes, and keeps the
     `depeche_rs_stuck` gauge and the registry's record (written on the control
-    connection, for `depeche-rs status`) in step."""
+    connection, for `depeche-rs status`) in step. `others`: the process projects other
+    streams too."""
 
-    def __init__(
-        self,
-        metrics: ProjectorMetrics,
-        control: ControlConnection,
-        control_lost: Callable[[BaseException], None],
-        poll: float,
-        others: bool,
-    ) -> None:
-        self.metrics = metrics
-        self.control = control
-        self.control_lost = control_lost
-        self.poll = poll
-        self.others = others
+    metrics: ProjectorMetrics
+    control: ControlConnection
+    control_lost: Callable[[BaseException], None]
+    poll: float
+    others: bool
 
     def failed(self, spec: StreamSpec, state: StuckState, exc: BaseException) -> None:
         """A batch of `spec`'s stream failed with `exc`, which no retry fixes."""
