@@ -28,11 +28,9 @@ class MessageProtocol(Protocol):
 
     def get_message_id(self) -> _uuid.UUID:
         """Return the message's unique id (the primary key in the message table)."""
-        ...
 
     def get_message_time(self) -> _dt.datetime:
         """Return when the message happened (timezone aware)."""
-        ...
 
 
 E = TypeVar("E", bound=MessageProtocol)
@@ -74,7 +72,6 @@ class AckOpProtocol(Protocol):
 
     def execute(self, **kwargs: Any) -> Any:
         """Acknowledge the message (with `conn=` to do it in the caller's transaction)."""
-        ...
 
 
 @_dc.dataclass(frozen=True)
@@ -338,17 +335,14 @@ class HandlerDescriptor(Generic[E]):
         if isinstance(message, SubscriptionMessage):
             if self.pass_subscription_message:
                 return message
-            if self.pass_stored_message:
-                return message.stored_message
-            return message.stored_message.message
+            stored = message.stored_message
+            return stored if self.pass_stored_message else stored.message
         if isinstance(message, StoredMessage):
             if self.pass_subscription_message:
                 raise ValueError(
                     "SubscriptionMessage was requested, but StoredMessage was provided"
                 )
-            if self.pass_stored_message:
-                return message
-            return message.message
+            return message if self.pass_stored_message else message.message
         if self.pass_subscription_message or self.pass_stored_message:
             raise ValueError(
                 "SubscriptionMessage or StoredMessage was requested, "
@@ -374,19 +368,15 @@ class MessageStoreReaderProtocol(Protocol[E]):
 
     def get_message_by_id(self, message_id: _uuid.UUID) -> StoredMessage[E]:
         """Return the message with id `message_id` or raise `MessageNotFound`."""
-        ...
 
     def get_messages_by_ids(self, message_ids: Sequence[_uuid.UUID]) -> Iterator[StoredMessage[E]]:
         """Return the messages with the given ids (missing ids are skipped)."""
-        ...
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         """Return the messages of `stream` in version order."""
-        ...
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
         """Return the messages of all streams matching a LIKE pattern, in global order."""
-        ...
 
 
 class MessageStoreProtocol(Protocol[E]):
@@ -394,7 +384,6 @@ class MessageStoreProtocol(Protocol[E]):
 
     def truncate(self) -> None:
         """Delete all messages."""
-        ...
 
     def write(
         self,
@@ -404,7 +393,6 @@ class MessageStoreProtocol(Protocol[E]):
         conn: _sa.Connection | None = None,
     ) -> MessagePosition:
         """Write one message."""
-        ...
 
     def synchronize(
         self,
@@ -414,17 +402,14 @@ class MessageStoreProtocol(Protocol[E]):
         conn: _sa.Connection | None = None,
     ) -> MessagePosition:
         """Append the messages that are not yet in the stream."""
-        ...
 
     def reader(
         self, conn: _sa.Connection | None = None
     ) -> _contextlib.AbstractContextManager[MessageStoreReaderProtocol[E]]:
         """A reader bound to a connection."""
-        ...
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         """Read a stream."""
-        ...
 
 
 class MessageStoreView(MessageStoreProtocol[E], Protocol[E]):
@@ -442,12 +427,10 @@ class MessageStoreView(MessageStoreProtocol[E], Protocol[E]):
     @property
     def dsn(self) -> str:
         """The libpq DSN of the engine, for the Rust engine and LISTEN."""
-        ...
 
     @property
     def notification_channel(self) -> str:
         """The channel notified when messages are written."""
-        ...
 
 
 class AggregatedStreamView(Protocol[E]):
@@ -460,14 +443,11 @@ class AggregatedStreamView(Protocol[E]):
     @property
     def store(self) -> MessageStoreView[E]:
         """The message store the stream aggregates."""
-        ...
 
     def get_max_aggregated_stream_positions(
         self, conn: _sa.Connection | None = None
     ) -> dict[int, int]:
         """Return partition -> highest position."""
-        ...
 
     def time_to_positions(self, time: _dt.datetime) -> dict[int, int]:
         """Return, per partition, the first position at or after `time`."""
-        ...
