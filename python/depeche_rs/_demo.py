@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as _futures
+import dataclasses
 import datetime as _dt
 import time as _time
 import uuid as _uuid
@@ -16,20 +17,14 @@ from ._subscriptions.message_handler import MessageHandlerRegister
 from .tools import StreamNamePartitioner
 
 
+@dataclasses.dataclass
 class DemoEvent:
     """A plain message class (no pydantic needed) with depeche-db's protocol."""
 
-    def __init__(
-        self,
-        account: int,
-        amount: int,
-        event_id: _uuid.UUID | None = None,
-        at: _dt.datetime | None = None,
-    ) -> None:
-        self.account = account
-        self.amount = amount
-        self.event_id = event_id or _uuid.uuid4()
-        self.at = at or _dt.datetime.now(_dt.timezone.utc)
+    account: int
+    amount: int
+    event_id: _uuid.UUID = dataclasses.field(default_factory=_uuid.uuid4)
+    at: _dt.datetime = dataclasses.field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc))
 
     def get_message_id(self) -> _uuid.UUID:
         """The message id."""

@@ -54,16 +54,18 @@ class MessageStoreReader(Generic[E]):
     def _stored(self, row: Any) -> StoredMessage[E]:
         return stored_message(row, self._serializer.deserialize(row.message))
 
+    def _select(self, where: str, params: tuple[Any, ...]) -> Any:
+        return self._conn.exec_driver_sql(
+            f"SELECT {_COLUMNS} FROM {self._table} WHERE {where}", params
+        )
+
     def get_message_by_id(self, message_id: _uuid.UUID) -> StoredMessage[E]:
         """Return the message with id `message_id`.
 
         Raises:
             MessageNotFound: no such message.
         """
-        row = self._conn.exec_driver_sql(
-            f"SELECT {_COLUMNS} FROM {self._table} WHERE message_id = %s",
-            (as_uuid(message_id),),
-        ).first()
+        row = self._select("message_id = %s", (as_uuid(message_id),)).first()
         if row is None:
             raise MessageNotFound(message_id)
         return self._stored(row)
@@ -73,9 +75,7 @@ class MessageStoreReader(Generic[E]):
         ids = [as_uuid(i) for i in message_ids]
         if not ids:
             return
-        rows = self._conn.exec_driver_sql(
-            f"SELECT {_COLUMNS} FROM {self._table} WHERE message_id = ANY(%s)", (ids,)
-        ).fetchall()
+        rows = self._select("message_id = ANY(%s)", (ids,)).fetchall()
         by_id = {row[0]: row for row in rows}
         for message_id in ids:
             row = by_id.get(message_id)
@@ -84,24 +84,20 @@ class MessageStoreReader(Generic[E]):
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         """Yield the messages of `stream` in version order, from `min_version` on if given."""
-        query = f"SELECT {_COLUMNS} FROM {self._table} WHERE stream = %s"
+        where = "stream = %s"
         params: tuple[Any, ...] = (stream,)
         if min_version is not None:
-            query += " AND version >= %s"
+            where += " AND version >= %s"
             params += (min_version,)
-        for row in self._conn.exec_driver_sql(query + " ORDER BY version", params):
-            yield self._stored(row)
+        yield from map(self._stored, self._select(where + " ORDER BY version", params))
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
         """Yield the messages of every stream matching the LIKE pattern, in global order.
 
         `stream-%` matches streams starting with `stream-`, `%` matches all streams.
         """
-        for row in self._conn.exec_driver_sql(
-            f"SELECT {_COLUMNS} FROM {self._table} WHERE stream LIKE %s ORDER BY global_position",
-            (stream_wildcard,),
-        ):
-            yield self._stored(row)
+        rows = self._select("stream LIKE %s ORDER BY global_position", (stream_wildcard,))
+        yield from map(self._stored, rows)
 
 
 class MessageStore(Generic[E]):
@@ -295,11 +291,8 @@ class MessageStore(Generic[E]):
         with store.reader() as reader:
             message = reader.get_message_by_id(some_id)
         """
-        if conn is not None:
-            yield MessageStoreReader(conn, self.name, self._serializer)
-        else:
-            with _connect(self.engine) as own:
-                yield MessageStoreReader(own, self.name, self._serializer)
+        with _contextlib.nullcontext(conn) if conn is not None else _connect(self.engine) as c:
+            yield MessageStoreReader(c, self.name, self._serializer)
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         """Yield the messages of `stream` in version order, from `min_version` on if given."""
