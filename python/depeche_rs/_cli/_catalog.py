@@ -102,12 +102,6 @@ class LockHolder:
         return f"{name!r} (server pid {self.pid}{where})"
 
 
-def regclass_exists(conn: Conn, table: str) -> bool:
-    """True when `table` is visible on the search path."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
-    return bool(row and row[0])
-
-
 def table_columns(conn: Conn, table: str) -> set[str]:
     """The column names of `table` (empty when it does not exist)."""
     rows = conn.execute(
@@ -399,7 +393,7 @@ def store_of(conn: Conn, stream: str, candidates: Sequence[str]) -> str | None:
 def max_positions(conn: Conn, stream: str) -> dict[int, int]:
     """Partition -> highest position of `stream`."""
     maxpos = _names.maxpos_table(stream)
-    if regclass_exists(conn, maxpos):
+    if table_columns(conn, maxpos):
         query = sql.SQL("SELECT partition, max_position FROM {}").format(sql.Identifier(maxpos))
     else:  # depeche-db before 0.12.3
         query = sql.SQL("SELECT partition, max(position) FROM {} GROUP BY partition").format(

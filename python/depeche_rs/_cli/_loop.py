@@ -89,29 +89,23 @@ class ProjectedStream:
         """Nothing to take: the projector reads from its cursor."""
 
 
+@dataclasses.dataclass(eq=False)
 class ProjectLoop:
     """The hooks of one `depeche-rs project` process on its live runtime."""
 
-    def __init__(
-        self,
-        settings: ProjectSettings,
-        streams: list[ProjectedStream],
-        control: ControlConnection,
-        metrics: ProjectorMetrics,
-        console: Console,
-        stop: StopSignal,
-    ) -> None:
-        self.settings = settings
-        self.streams = streams
-        self.control = control
-        self.metrics = metrics
-        self.console = console
-        self.stop = stop
-        self.poll = settings.poll_interval
+    settings: ProjectSettings
+    streams: list[ProjectedStream]
+    control: ControlConnection
+    metrics: ProjectorMetrics
+    console: Console
+    stop: StopSignal
+
+    def __post_init__(self) -> None:
+        self.poll = self.settings.poll_interval
         self.status: int | None = None
         self.runtime = LiveRuntime(
-            control,
-            streams,
+            self.control,
+            self.streams,
             self._pass,
             self.poll,
             tick=self._tick,
@@ -121,7 +115,11 @@ class ProjectLoop:
             ),
         )
         self.stuck_streams = _stuck.StuckStreams(
-            metrics, control, self.runtime.connection_lost, self.poll, others=len(streams) > 1
+            self.metrics,
+            self.control,
+            self.runtime.connection_lost,
+            self.poll,
+            others=len(self.streams) > 1,
         )
 
     def run(self) -> int:
@@ -164,7 +162,7 @@ class ProjectLoop:
         if self.stop.requested or self.status is not None:
             pass
         elif self.settings.once and all(s.finished for s in self.streams):
-            self.status = self._done()
+            self.status = self._done(stuck)
         elif stuck and len(stuck) == len(self.streams):
             event(
                 logging.ERROR,
@@ -179,9 +177,8 @@ class ProjectLoop:
         self.runtime.stop()
         return True
 
-    def _done(self) -> int:
-        """`--once`: every stream is caught up, left to another instance, or stuck."""
-        stuck = [s.name for s in self.streams if s.stuck.cause is not None]
+    def _done(self, stuck: list[str]) -> int:
+        """`--once`: every stream is caught up, left to another instance, or `stuck`."""
         standing_by = [s.name for s in self.streams if not s.caught_up and s.stuck.cause is None]
         parts = []
         if standing_by:

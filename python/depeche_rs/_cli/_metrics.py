@@ -133,12 +133,6 @@ class ProjectorMetrics:
         self.reconnects.touch(labels)
         self.stuck.set(labels, 0)
 
-    def render(self) -> str:
-        """The whole exposition text (Prometheus text format 0.0.4)."""
-        if self.registry is None:
-            raise MetricsUnavailableError(INSTALL_HINT)
-        return prometheus_client.generate_latest(self.registry).decode()
-
 
 class MetricsServer:
     """Serves the metrics at `/metrics` over HTTP from a daemon thread, so a scrape never waits

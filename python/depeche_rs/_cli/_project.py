@@ -24,7 +24,7 @@ from .._db.connection import redact, to_engine
 from .._exceptions import DatabaseConnectionError, DatabaseError, UnsafeSequenceError
 from .._store.message_store import MessageStore
 from . import _catalog
-from ._config import ProjectSettings, StreamSpec
+from ._config import ProjectSettings
 from ._control import ControlConnection
 from ._json_messages import JsonSerializer, json_resolver
 from ._logging import event, setup_logging
@@ -38,12 +38,6 @@ def _version() -> str:
         return importlib.metadata.version("depeche-rs")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
         return "unknown"
-
-
-def _describe_partitioner(spec: StreamSpec) -> str:
-    assert spec.partitioner is not None
-    where = "in Rust" if spec.partitioner.in_rust else "in Python"
-    return f"{spec.partitioner.text} ({where})"
 
 
 def _open_streams(settings: ProjectSettings, engine: sa.Engine) -> list[ProjectedStream]:
@@ -148,18 +142,20 @@ def run_project(settings: ProjectSettings) -> int:
         metrics.reconnects.touch(("listen",))
         for stream in streams:
             metrics.add_stream(stream.name)
-            spec = stream.spec
+            spec, partitioner = stream.spec, stream.spec.partitioner
+            assert partitioner is not None
             serializer = spec.serializer or f"raw JSON (time from {', '.join(spec.time_fields)})"
+            where = "in Rust" if partitioner.in_rust else "in Python"
             event(
                 logging.INFO,
                 "stream",
                 f"{stream.name}: store {spec.store}, wildcards {', '.join(spec.wildcards)}, "
-                f"partitioner {_describe_partitioner(spec)}, batch size {spec.batch_size}, "
+                f"partitioner {partitioner.text} ({where}), batch size {spec.batch_size}, "
                 f"serializer {serializer}",
                 stream=stream.name,
                 store=spec.store,
                 wildcards=list(spec.wildcards),
-                partitioner=spec.partitioner.text if spec.partitioner else None,
+                partitioner=partitioner.text,
                 batch_size=spec.batch_size,
                 instance=control.name,
             )

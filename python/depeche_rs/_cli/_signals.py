@@ -39,11 +39,9 @@ class StopSignal:
         """Install the handlers (main thread only; elsewhere signals cannot be caught)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (*_STOP_SIGNALS, signal.SIGALRM):
-            self._previous[signum] = signal.getsignal(signum)
         for signum in _STOP_SIGNALS:
-            signal.signal(signum, self._on_stop)
-        signal.signal(signal.SIGALRM, self._on_timeout)
+            self._previous[signum] = signal.signal(signum, self._on_stop)
+        self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_timeout)
 
     def disarm(self) -> None:
         """Cancel the forced stop: the loop is over, only cleanup is left, and further
