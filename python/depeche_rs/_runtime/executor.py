@@ -126,8 +126,7 @@ class Executor:
 
     def register(self, handler: RunOnNotification) -> RunOnNotification:
         """Register a handler to run on notifications of its `notification_channel`."""
-        channel = handler.notification_channel
-        self.channel_register[channel].append(handler)
+        self.channel_register[handler.notification_channel].append(handler)
         return handler
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -75,7 +75,8 @@ class AckOp:
         `AckRolledback` if it is not.
         """
         if self._executed:
-            self._check()
+            if not self.committed():
+                raise AckRolledback()
             return
         if subscription_state_provider_kwargs:
             provider = self._state_provider.session(**subscription_state_provider_kwargs)
@@ -107,10 +108,6 @@ class AckOp:
             return True
         state = self._state_provider.read(self.name)
         return state.positions.get(self.partition, -1) == self.position
-
-    def _check(self) -> None:
-        if not self.committed():
-            raise AckRolledback()
 
     def rollback(self) -> None:
         """Mark the acknowledgement as rolled back: the message will come again."""

@@ -87,13 +87,10 @@ class ReadRepository(Generic[E, OBJ, ID]):
         self._cache.set(id, obj)
         return obj
 
-    def _catch_up(self, id: ID, obj: OBJ) -> int:
+    def _catch_up(self, id: ID, obj: OBJ) -> None:
         min_version = obj._version + 1 if obj._version > 0 else None
-        applied = 0
         for stored in self._reader.read(f"{self._stream_prefix}-{id}", min_version=min_version):
             obj.apply(stored.message)
-            applied += 1
-        return applied
 
 
 class EventStoreRepo(Repo[OBJ, ID], Generic[E, OBJ, ID]):
