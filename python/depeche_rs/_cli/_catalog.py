@@ -127,7 +127,8 @@ _STUCK_COLUMNS = (
 def ensure_registry(conn: Conn) -> None:
     """Create the registry table, or add the columns an older one lacks (idempotent, and
     safe when several processes start at once)."""
-    if all(name in table_columns(conn, REGISTRY_TABLE) for name, _ in _STUCK_COLUMNS):
+    present = table_columns(conn, REGISTRY_TABLE)
+    if all(name in present for name, _ in _STUCK_COLUMNS):
         # The usual case takes no lock: ALTER TABLE would take an exclusive one.
         return
     with conn.transaction():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TextIO
 
 import psycopg
 
@@ -76,26 +75,24 @@ def _version(text: str) -> tuple[int, int]:
     return major, minor
 
 
-def run_generate_migration_script(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run_generate_migration_script(args: argparse.Namespace) -> int:
     """`generate-migration-script PREV TARGET`, as depeche-db's command prints it."""
-    out = out if out is not None else sys.stdout
     prev, target = _version(args.prev_version), _version(args.target_version)
     _validate_names(args.message_store, args.aggregated_streams)
     for version, generators in AggregatedStream.migration_script_generators().items():
         if not prev <= version <= target:
             continue
-        print("-- Migration for version:", ".".join(map(str, version)), file=out)
+        print("-- Migration for version:", ".".join(map(str, version)))
         for stream in args.aggregated_streams:
-            print(f"-- Migration for aggregated stream: {stream}", file=out)
+            print(f"-- Migration for aggregated stream: {stream}")
             for generator in generators:
-                print(generator(stream, args.message_store), file=out)
-            print(file=out)
+                print(generator(stream, args.message_store))
+            print()
     return 0
 
 
-def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run_migrate(args: argparse.Namespace) -> int:
     """Run `depeche-rs migrate`; returns the exit status."""
-    out = out if out is not None else sys.stdout
     streams = list(dict.fromkeys(args.stream or []))
     subscriptions = list(dict.fromkeys(args.subscription or []))
     script = migration_script(
@@ -106,7 +103,6 @@ def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(
             "-- depeche-rs migrate: brings depeche-db layouts to depeche-rs's; idempotent\n"
             f"BEGIN;\n\n{script}\nCOMMIT;",
-            file=out,
         )
         return 0
     dsn = resolve_dsn(args.dsn, {})
@@ -125,5 +121,5 @@ def run_migrate(args: argparse.Namespace, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"migrated {objects}", file=out)
+    print(f"migrated {objects}")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
 
 from ._logging import Console, event
 
@@ -38,18 +37,15 @@ class CatchUpProgress:
         backlog: int,
         console: Console,
         interval: float,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stream = stream
         self.console = console
         self.interval = interval
-        self._clock = clock
-        self.started = clock()
+        self.started = time.monotonic()
         self.done = 0
         self._measured = backlog
         self._done_at_measure = 0
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._samples.append((self.started, 0))
+        self._samples = collections.deque([(self.started, 0)])
         self._last_shown = self.started
 
     @property
@@ -60,11 +56,11 @@ class CatchUpProgress:
     @property
     def elapsed(self) -> float:
         """Seconds since catch-up started."""
-        return self._clock() - self.started
+        return time.monotonic() - self.started
 
     def rate(self) -> float:
         """Messages per second over the last few seconds."""
-        now = self._clock()
+        now = time.monotonic()
         while len(self._samples) > 2 and now - self._samples[1][0] > _RATE_WINDOW_S:
             self._samples.popleft()
         t0, n0 = self._samples[0]
@@ -73,7 +69,7 @@ class CatchUpProgress:
     def advance(self, projected: int) -> None:
         """Count a batch and show the progress if it is time to."""
         self.done += projected
-        now = self._clock()
+        now = time.monotonic()
         self._samples.append((now, self.done))
         if self.console.is_tty:
             if now - self._last_shown >= _TTY_REFRESH_S:

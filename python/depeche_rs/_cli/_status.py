@@ -25,7 +25,7 @@ import json
 import sys
 import uuid as _uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
@@ -207,16 +207,13 @@ def collect(
     return streams, subscriptions
 
 
-def _json_value(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
+    """A datetime, UUID or (figures') dataclass as JSON; json.dumps recurses into the result."""
     if isinstance(value, _dt.datetime):
         return value.isoformat()
     if isinstance(value, _uuid.UUID):
         return str(value)
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return value
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
 def render_json(
@@ -225,14 +222,9 @@ def render_json(
     settings: Sequence[_server_settings.SettingAdvice] = (),
 ) -> str:
     """The figures as one JSON document."""
-    return json.dumps(
-        {
-            "aggregated_streams": [_json_value(s) for s in streams],
-            "subscriptions": [_json_value(s) for s in subscriptions],
-            "server_settings": [_json_value(a) for a in settings],
-        },
-        indent=2,
-    )
+    document = {"aggregated_streams": streams, "subscriptions": subscriptions}
+    document["server_settings"] = list(settings)
+    return json.dumps(document, indent=2, default=_json_default)
 
 
 def _age(seconds: float | None) -> str:
@@ -328,9 +320,8 @@ def render_text(
     return "\n".join(lines)
 
 
-def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run_status(args: argparse.Namespace) -> int:
     """Run `depeche-rs status`; returns the exit status."""
-    out = out if out is not None else sys.stdout
     config: dict[str, Any] = read_toml(args.config) if args.config else {}
     dsn = resolve_dsn(args.dsn, config)
     if args.top < 0:
@@ -354,8 +345,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"depeche-rs status: {exc}", file=sys.stderr)
         return 1
     render = render_json if args.json else render_text
-    text = render(streams, subscriptions, settings)
-    print(text, file=out)
+    print(render(streams, subscriptions, settings))
     if args.check and any(s.stuck is not None for s in streams):
         return EXIT_STUCK
     return 0
