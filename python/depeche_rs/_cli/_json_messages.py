@@ -73,11 +73,8 @@ def _to_utc_naive(value: Any) -> _dt.datetime | None:
 
 def message_time(data: Mapping[str, Any], fields: Sequence[str]) -> _dt.datetime | None:
     """The first of `fields` holding a time, as a naive UTC datetime, or None."""
-    for field in fields:
-        found = _to_utc_naive(_lookup(data, field))
-        if found is not None:
-            return found
-    return None
+    times = (_to_utc_naive(_lookup(data, field)) for field in fields)
+    return next((t for t in times if t is not None), None)
 
 
 class JsonMessage:

@@ -1,7 +1,7 @@
 """`depeche-rs project`'s part of the live runtime: hot-standby election, batches,
 progress, metrics, stuck streams, exit statuses.
 
-The runtime (`.._live.LiveRuntime`, the one the `Executor` runs on too) listens on the
+The runtime (`.._runtime.live.LiveRuntime`, the one the `Executor` runs on too) listens on the
 control connection, dispatches notifications to the streams, polls every poll interval,
 and reconnects the control connection with backoff; `ProjectLoop` gives it the streams
 and its hooks: `_tick` (election, backlog, when to stop) and `_pass` (a stream's batches).

@@ -1,14 +1,7 @@
-"""`depeche-rs project`: keep aggregated streams up to date, continuously.
-
-One process projects one or more aggregated streams from one thread. Per stream:
-
-1. Create what is missing (store and stream tables), record the stream in the registry.
-2. Take the stream's hot-standby lock on the control connection, or stand by and try
-   again every poll interval (see `_control`).
-3. While active: run batches (one transaction each, in Rust) until none is left, showing
-   progress, then stay live: a NOTIFY on the store's channel (or the poll interval, as a
-   safety net) triggers the next pass; the live runtime the `Executor` runs on too
-   (`.._live`) does the listening and polling, `_loop` is what this command adds.
+"""`depeche-rs project`: keep aggregated streams up to date, continuously (the steps are in
+docs/cli.md). One process projects one or more aggregated streams from one thread: this
+module sets it up and tears it down; `_loop` is what it adds to the live runtime
+(`.._runtime.live`) that the `Executor` runs on too.
 """
 
 from __future__ import annotations

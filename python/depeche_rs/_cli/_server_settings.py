@@ -1,17 +1,7 @@
 """PostgreSQL settings that hold a catch-up projection back, as `depeche-rs status` reports
-them (docs/projector.md, "Where the time goes", has the measurements behind each).
-
-- **WAL-forced checkpoints.** Every projected message writes ~600 bytes of WAL, and the
-  first change of a page after a checkpoint writes the whole page (a full-page image):
-  the aggregated table's primary key takes random UUIDs, so after each checkpoint nearly
-  every insert pays one. When `max_wal_size` is reached before `checkpoint_timeout`, the
-  checkpoints come faster the faster the projector goes. PostgreSQL counts these as
-  requested checkpoints; when they outnumber the timed ones, `max_wal_size` is too small.
-- **Indexes larger than `shared_buffers`.** Each projected message probes and inserts into
-  random pages of the aggregated table's primary key and (partition, position) index;
-  once these outgrow the buffer cache, each such page is a read from the OS cache (or
-  disk) and a dirty-page write-back.
-
+them (docs/projector.md, "Where the time goes", has the measurements and the reasons):
+`max_wal_size` when WAL volume forces checkpoints, each followed by full-page images of the
+aggregated tables' index pages, and `shared_buffers` when those indexes outgrow it.
 Only facts PostgreSQL reports are used; nothing is changed.
 """
 

@@ -1,19 +1,6 @@
-"""`depeche-rs status`: each aggregated stream's backlog and each subscription's lag.
-
-All figures come from one REPEATABLE READ snapshot, so they agree with each other.
-
-- Aggregated streams are the `depeche_stream_*` tables. Their store and wildcards come
-  from `--config`, else from the registry `depeche-rs project` writes; a stream known to
-  neither shows no backlog (nothing says which origin streams it follows). Messages are
-  the sum of the partitions' max positions + 1 (positions are gapless); the backlog is
-  `_catalog.backlog`.
-- A stream is stuck when `depeche-rs project` recorded in the registry that its batches
-  fail with an error no retry fixes; `--check` makes that exit status 3.
-- Subscriptions are the rows of the `depeche_subscriptions_*` tables. The state does not
-  name its aggregated stream: `--subscription NAME=STREAM` does, else the stream is the
-  only one whose partitions and positions can hold that state. Lag per partition is the
-  partition's max position minus the last acknowledged one (max position + 1 when
-  nothing was acknowledged yet).
+"""`depeche-rs status`: each aggregated stream's backlog and each subscription's lag, from
+one REPEATABLE READ snapshot, so that the figures agree with each other. Where each figure
+comes from, and how a subscription's aggregated stream is inferred: docs/cli.md.
 """
 
 from __future__ import annotations
