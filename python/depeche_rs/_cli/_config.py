@@ -65,18 +65,9 @@ class PartitionerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class StreamSpec:
-    """One aggregated stream to project.
-
-    Attributes:
-        store: Message store name.
-        stream: Aggregated stream name.
-        wildcards: LIKE patterns of the origin streams.
-        partitioner: The partitioner (None for `status`, which does not need one).
-        batch_size: Messages per batch (one transaction each).
-        serializer: The `module:attr` serializer given, or None for raw JSON messages.
-        serializer_obj: The serializer object (None when not given).
-        time_fields: JSON fields holding the message time, for raw JSON messages.
-    """
+    """One aggregated stream to project: `partitioner` is None for `status`, which does not
+    need one; `serializer` (`module:attr`, and its object) is None for raw JSON messages, whose
+    time is in the first of `time_fields` that holds one."""
 
     store: str
     stream: str

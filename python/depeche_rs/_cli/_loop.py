@@ -11,10 +11,7 @@ catch-up does not hold back another's live messages for long. A lost projector
 connection is retried with exponential backoff (the server rolls back an interrupted
 batch, so nothing is half-written); a lost control connection pauses projecting until it
 is back and the lock is taken again. A batch failing with an error that a retry cannot
-fix (see `_stuck`) makes its stream stuck: logged once, recorded in the registry for
-`status`, retried every poll interval while the other streams go on. The loop ends with
-status 1 only when every stream of the process is stuck (or, with `--once`, when one
-is).
+fix makes its stream stuck (see `_stuck`).
 """
 
 from __future__ import annotations
