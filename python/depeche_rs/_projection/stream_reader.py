@@ -22,11 +22,9 @@ E = TypeVar("E", bound=MessageProtocol)
 
 def _exhaust(subscription: Any) -> list[StoredMessage[Any]]:
     out: list[StoredMessage[Any]] = []
-    while True:
-        batch = [m.stored_message for m in subscription.get_next_messages(count=100)]
-        if not batch:
-            return out
+    while batch := [m.stored_message for m in subscription.get_next_messages(count=100)]:
         out.extend(batch)
+    return out
 
 
 class AggregatedStreamReader(Generic[E]):
@@ -90,10 +88,7 @@ class AsyncAggregatedStreamReader(Generic[E]):
             yield message
         notifications = self.notification_listener.messages(timeout=timeout)
         sentinel = object()
-        while True:
-            item = await asyncio.to_thread(next, notifications, sentinel)
-            if item is sentinel:
-                return
+        while await asyncio.to_thread(next, notifications, sentinel) is not sentinel:
             for message in await asyncio.to_thread(_exhaust, self.subscription):
                 yield message
 

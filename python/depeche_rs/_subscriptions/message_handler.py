@@ -55,8 +55,7 @@ class DuplicateHandlerError(DepecheError, ValueError):
 
 
 def _describe(handler: Callable[..., Any]) -> str:
-    name = getattr(handler, "__qualname__", None) or repr(handler)
-    return f"handler {name}"
+    return f"handler {getattr(handler, '__qualname__', None) or repr(handler)}"
 
 
 def _first_parameter_annotation(handler: Callable[..., Any]) -> tuple[Any, int]:
@@ -108,10 +107,7 @@ def _message_types(handled_type: Any, where: str) -> list[type[Any]]:
     if handled_type is Any:
         return [MessageProtocol]
     if typing.get_origin(handled_type) in _UNION_TYPES:
-        result: list[type[Any]] = []
-        for member in typing.get_args(handled_type):
-            result.extend(_message_types(member, where))
-        return result
+        return [t for arg in typing.get_args(handled_type) for t in _message_types(arg, where)]
     if not isinstance(handled_type, type):
         raise InvalidHandlerError(
             f"{where}: {handled_type!r} is not a message type (a class implementing "
