@@ -3,8 +3,10 @@ strategies, error handlers, acknowledging in the caller's transaction, bad input
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
+import pickle
 import struct
 import threading
 import time
@@ -813,4 +815,63 @@ def test_own_lock_provider_with_the_default_state_table(
     assert locks.held == set()
     _run(subscription)
     assert len(recorder.seen) == sum(len(a) for a in layout.values())
+    subscription.close()
+
+
+def test_delivered_message_ids_are_plain_uuids(stream: Stream, suffix: str) -> None:
+    """The engine builds `uuid.UUID`s without `UUID.__init__`: each must be what
+    `UUID(int=...)` gives, in every way a handler may use it."""
+    _write(stream.store, 8)
+    _project(stream)
+    written = {m.message_id for i in range(12) for m in stream.store.read(f"acc-{i}")}
+    seen: list[uuid.UUID] = []
+    subscription = stream.subscription(f"sub_{suffix}")
+    while (batch := subscription.get_next_message_batch(count=10)) is not None:
+        for m in batch.messages:
+            seen.append(m.stored_message.message_id)
+            batch.ack(m)
+        subscription.ack_message_batch(batch, success=True)
+    assert sorted(seen) == sorted(written)
+    for message_id in seen:
+        same = uuid.UUID(int=message_id.int)
+        assert type(message_id) is uuid.UUID
+        assert message_id == same and hash(message_id) == hash(same)
+        assert str(message_id) == str(same) and message_id.is_safe is uuid.SafeUUID.unknown
+        assert pickle.loads(pickle.dumps(message_id)) == same
+        assert copy.deepcopy(message_id) == same
+        with pytest.raises(TypeError):
+            message_id.int = 0  # type: ignore[misc]
+    subscription.close()
+
+
+def test_batched_unreadable_message_mid_batch_ends_it_and_fails_the_next(
+    stream: Stream, engine: sa.Engine, suffix: str
+) -> None:
+    """Messages are deserialized one at a time, as their turn comes: the messages before
+    an unreadable one are handled and acknowledged, and it is the first of the next batch,
+    where it is a clear error."""
+    _write(stream.store, 24)
+    _project(stream)
+    layout = _layout(engine, stream)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE depeche_msgs_{stream.store.name} SET message = '{{\"bogus\": 1}}' "
+            "WHERE (message->>'amount')::int = %s",
+            (layout[1][3],),
+        )
+    seen: list[tuple[int, int]] = []
+
+    def handle(message: SubscriptionMessage[Deposited]) -> None:
+        seen.append((message.partition, message.position))
+
+    register: MessageHandlerRegister[AnyEvent] = MessageHandlerRegister()
+    register.register(handle)
+    subscription = stream.subscription(
+        f"sub_{suffix}", handlers=register, batch_size=10, ack_strategy=AckStrategy.BATCHED
+    )
+    with pytest.raises(SerializationError, match=r"at partition 1 position 3"):
+        for _ in range(3 * PARTITIONS):
+            subscription.runner.run_once()
+    assert [pos for p, pos in seen if p == 1] == [0, 1, 2]
+    assert _state(engine, f"sub_{suffix}")[1] == 2
     subscription.close()

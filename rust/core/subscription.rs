@@ -120,7 +120,13 @@ impl SubscriptionSession {
         let client = connect(dsn, APPLICATION_NAME).await?;
         // Set even when the DSN names another application: operators find the
         // subscription's sessions by this name.
-        let mut setup = format!("SET application_name = '{APPLICATION_NAME}'");
+        // Generic plans: the batch read walks the (partition, position) index and stops
+        // after `count` rows whatever the statistics say. A custom plan for a stored
+        // position of -1 on a freshly projected table (statistics not yet analyzed)
+        // reads the whole partition in a bitmap scan and sorts it, every batch.
+        let mut setup = format!(
+            "SET application_name = '{APPLICATION_NAME}'; SET plan_cache_mode = force_generic_plan"
+        );
         if !synchronous_commit {
             setup.push_str("; SET synchronous_commit = off");
         }

@@ -19,7 +19,7 @@ import abc
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from .._exceptions import SerializationError
@@ -46,16 +46,17 @@ class Lock:
 
 
 class Claim(Generic[E]):
-    """A locked partition and its next messages, read by `SubscriptionReader.claim`."""
+    """A locked partition and its next rows, read by `SubscriptionReader.claim`; its
+    messages are deserialized one at a time by `SubscriptionReader.messages`."""
 
     __slots__ = (
         "acked",
         "count",
-        "entries",
         "fetched",
         "last_fetched",
         "lock",
         "partition",
+        "rows",
         "session",
     )
 
@@ -64,7 +65,7 @@ class Claim(Generic[E]):
         partition: int,
         lock: Lock,
         session: Session,
-        entries: list[tuple[int, StoredMessage[E]]],
+        rows: list[BatchRow],
         count: int,
         fetched: int,
         last_fetched: int,
@@ -72,7 +73,8 @@ class Claim(Generic[E]):
         self.partition = partition
         self.lock = lock
         self.session = session
-        self.entries = entries
+        # The rows to deliver: the first one holds a message.
+        self.rows = rows
         self.count = count
         self.fetched = fetched
         self.last_fetched = last_fetched
@@ -242,62 +244,62 @@ class SubscriptionReader(abc.ABC, Generic[E]):
         lock, batch = read
         rows = batch.rows
         try:
-            entries, skipped_to = self._decode(partition, rows)
-            position = batch.position
-            if skipped_to is not None:
-                self._store(session, partition, skipped_to)
-                position = skipped_to
-            self.partitions.note_position(partition, position)
-        except BaseException:
-            self._unlock_claim(session, lock, wait=False)
-            raise
-        if not entries:
-            self._unlock_claim(session, lock, wait=False)
-            if len(rows) >= count:
-                self.partitions.requeue(partition)
-            return None
-        return Claim(partition, lock, session, entries, count, len(rows), rows[-1].position)
-
-    def _decode(
-        self, partition: int, rows: list[BatchRow]
-    ) -> tuple[list[tuple[int, StoredMessage[E]]], int | None]:
-        """Deserialize rows into (position, StoredMessage) up to the first gap or failure.
-
-        Returns the entries and, if the batch starts with pointers to messages missing
-        from the store, the position to acknowledge to skip them.
-        """
-        entries: list[tuple[int, StoredMessage[E]]] = []
-        skipped_to: int | None = None
-        deserialize = self._serializer.deserialize
-        loads = json.loads
-        for row in rows:
-            position, stored = row.position, row.stored
-            if stored is None:
-                if entries:
-                    # Keep batches gap-free; the next batch starts at the gap.
-                    break
+            # Positions at the start whose messages are no longer in the store are
+            # acknowledged, to skip them.
+            missing = 0
+            while missing < len(rows) and rows[missing].stored is None:
                 logger.warning(
                     "subscription %s: partition %s position %s points to a message that is "
                     "no longer in the store; skipping it",
                     self._name,
                     partition,
-                    position,
+                    rows[missing].position,
                 )
-                skipped_to = position
-                continue
+                missing += 1
+            position = batch.position
+            if missing:
+                position = rows[missing - 1].position
+                self._store(session, partition, position)
+            self.partitions.note_position(partition, position)
+        except BaseException:
+            self._unlock_claim(session, lock, wait=False)
+            raise
+        if missing == len(rows):
+            self._unlock_claim(session, lock, wait=False)
+            if len(rows) >= count:
+                self.partitions.requeue(partition)
+            return None
+        return Claim(partition, lock, session, rows[missing:], count, len(rows), rows[-1].position)
+
+    def messages(self, claim: Claim[E]) -> Iterator[tuple[int, StoredMessage[E]]]:
+        """The claim's messages as (position, StoredMessage), each deserialized when it
+        is reached (a message handled before the next is read is garbage by then), up to
+        the first gap or failure.
+
+        Raises `SerializationError` if the first message cannot be deserialized; a later
+        one ends the iteration instead: what precedes it is delivered, and the next
+        batch starts with it (and fails).
+        """
+        deserialize = self._serializer.deserialize
+        loads = json.loads
+        first = True
+        for row in claim.rows:
+            stored = row.stored
+            if stored is None:
+                # Keep batches gap-free; the next batch starts at the gap.
+                return
             try:
                 message = deserialize(loads(stored.message))
             except Exception as exc:
-                if entries:
-                    # Deliver what precedes it; the next batch starts with it and fails.
-                    break
+                if not first:
+                    return
                 raise SerializationError(
                     f"cannot deserialize message {stored.message_id} (stream "
-                    f"{stored.stream!r}, version {stored.version}) at partition {partition} "
-                    f"position {position}: {exc}"
+                    f"{stored.stream!r}, version {stored.version}) at partition "
+                    f"{claim.partition} position {row.position}: {exc}"
                 ) from exc
-            entries.append((position, stored_message(stored, message)))
-        return entries, skipped_to
+            first = False
+            yield row.position, stored_message(stored, message)
 
     # -- acknowledgements -------------------------------------------------------------
 

@@ -222,12 +222,16 @@ class Subscription(Generic[E]):
         if claim is None:
             return None
         partition = claim.partition
-        messages = [
-            SubscriptionMessage(
-                partition=partition, position=position, stored_message=stored, ack=_NO_ACK
-            )
-            for position, stored in claim.entries
-        ]
+        try:
+            messages = [
+                SubscriptionMessage(
+                    partition=partition, position=position, stored_message=stored, ack=_NO_ACK
+                )
+                for position, stored in self._reader.messages(claim)
+            ]
+        except BaseException:
+            self._reader.release_after_error(claim)
+            raise
         return _ClaimedBatch(
             partition=partition,
             first_position=messages[0].position,
@@ -281,7 +285,7 @@ class Subscription(Generic[E]):
             return
         failed = False
         try:
-            for position, stored in claim.entries:
+            for position, stored in reader.messages(claim):
                 ack = AckOp(
                     self.name,
                     claim.partition,
@@ -407,7 +411,7 @@ class SubscriptionRunner(Generic[E]):
         partition = claim.partition
         handle = self.handle
         try:
-            for position, stored in claim.entries:
+            for position, stored in reader.messages(claim):
                 if not self._keep_running:
                     break
                 ack = AckOp(name, partition, position, state_provider, reader=reader, claim=claim)
@@ -442,7 +446,7 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
         handle = self.handle
         handled: int | None = None
         try:
-            for position, stored in claim.entries:
+            for position, stored in reader.messages(claim):
                 if not self._keep_running:
                     break
                 if handled is not None:
