@@ -66,11 +66,6 @@ class ProjectedStream:
         return self.spec.stream
 
     @property
-    def labels(self) -> tuple[str]:
-        """Its metric labels."""
-        return (self.spec.stream,)
-
-    @property
     def notification_channel(self) -> str:
         """The store's channel."""
         return self.projector.notification_channel
@@ -230,7 +225,7 @@ class ProjectLoop:
         stream.standby_holder = None
         stream.caught_up = False
         self.runtime.wake(stream)
-        self.metrics.lock_holder.set(stream.labels, 1)
+        self.metrics.lock_holder.set(stream.name, 1)
         event(
             logging.INFO,
             "active",
@@ -283,7 +278,7 @@ class ProjectLoop:
                 error=str(exc).strip(),
             )
             return None
-        self.metrics.backlog.set(stream.labels, measured.messages)
+        self.metrics.backlog.set(stream.name, measured.messages)
         return measured.messages
 
     # -- batches --------------------------------------------------------------------
@@ -321,15 +316,15 @@ class ProjectLoop:
                 self.stuck_streams.went_through(stream.spec, stream.stuck)
                 if not stream.leader:
                     return None  # the control connection went down with the lock
-            self.metrics.last_batch.set(stream.labels, time.time())
+            self.metrics.last_batch.set(stream.name, time.time())
             if projected:
                 stream.projected_total += projected
-                self.metrics.projected.inc(stream.labels, projected)
-                self.metrics.batch_duration.observe(stream.labels, took)
+                self.metrics.projected.inc(stream.name, projected)
+                self.metrics.batch_duration.observe(stream.name, took)
                 if stream.progress is not None:
                     stream.progress.advance(projected)
             if not more:
-                self.metrics.backlog.set(stream.labels, 0)
+                self.metrics.backlog.set(stream.name, 0)
                 if not stream.caught_up:
                     self._caught_up(stream)
                 return None
@@ -408,7 +403,7 @@ class ProjectLoop:
         return self.poll
 
     def _reconnected(self, connection: str, what: str, down: float, **fields: str) -> None:
-        self.metrics.reconnects.inc((connection,))
+        self.metrics.reconnects.inc(connection)
         event(
             logging.INFO,
             "reconnected",
@@ -425,9 +420,9 @@ class ProjectLoop:
         for stream in self.streams:
             stream.leader = False
             stream.next_lock_attempt = 0.0
-            self.metrics.lock_holder.set(stream.labels, 0)
+            self.metrics.lock_holder.set(stream.name, 0)
             # Stuck as the active instance only: a standby's series must not add up.
-            self.metrics.stuck.set(stream.labels, 0)
+            self.metrics.stuck.set(stream.name, 0)
         pause = (
             f"; projecting {', '.join(paused)} is paused until it is back (a standby may take "
             "over meanwhile)"

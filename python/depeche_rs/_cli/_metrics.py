@@ -18,16 +18,15 @@ except ImportError:  # the `metrics` extra is not installed: no metrics, nothing
 BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 INSTALL_HINT = "serving metrics needs prometheus_client: pip install 'depeche-rs[metrics]'"
 
-Labels = tuple[str, ...]
-
 
 class MetricsUnavailableError(RuntimeError):
     """`--metrics-port` was asked for without the `metrics` extra installed."""
 
 
 class Family:
-    """One metric family with one label, of prometheus_client's `kind` (`Counter`, `Gauge`
-    or `Histogram`); every method is a no-op without prometheus_client (`registry` None)."""
+    """One metric family of prometheus_client's `kind` (`Counter`, `Gauge` or `Histogram`)
+    with one label, whose value each method takes; every method is a no-op without
+    prometheus_client (`registry` None)."""
 
     def __init__(
         self,
@@ -35,36 +34,36 @@ class Family:
         kind: str,
         name: str,
         help_text: str,
-        label: str = "stream",
+        label_name: str = "stream",
         **options: Any,
     ) -> None:
         self._family: Any = None
         if registry is not None:
             make = getattr(prometheus_client, kind)
-            self._family = make(name, help_text, [label], registry=registry, **options)
+            self._family = make(name, help_text, [label_name], registry=registry, **options)
 
-    def _series(self, labels: Labels) -> Any:
-        return None if self._family is None else self._family.labels(*labels)
+    def _series(self, label: str) -> Any:
+        return None if self._family is None else self._family.labels(label)
 
-    def touch(self, labels: Labels) -> None:
+    def touch(self, label: str) -> None:
         """Show the series (at 0, with no observations) before its first change: rate()
         needs the start."""
-        self._series(labels)
+        self._series(label)
 
-    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+    def inc(self, label: str, amount: float = 1.0) -> None:
         """Add `amount` (>= 0) to a counter."""
         if self._family is not None:
-            self._series(labels).inc(amount)
+            self._series(label).inc(amount)
 
-    def set(self, labels: Labels, value: float) -> None:
+    def set(self, label: str, value: float) -> None:
         """Set a gauge."""
         if self._family is not None:
-            self._series(labels).set(value)
+            self._series(label).set(value)
 
-    def observe(self, labels: Labels, value: float) -> None:
+    def observe(self, label: str, value: float) -> None:
         """Record one observation of a histogram."""
         if self._family is not None:
-            self._series(labels).observe(value)
+            self._series(label).observe(value)
 
 
 class ProjectorMetrics:
@@ -114,7 +113,7 @@ class ProjectorMetrics:
             "Counter",
             "depeche_rs_reconnects_total",
             "Connections re-established after being lost ('listen' is the LISTEN/lock one).",
-            label="connection",
+            label_name="connection",
         )
         self.stuck = Family(
             registry,
@@ -126,12 +125,11 @@ class ProjectorMetrics:
 
     def add_stream(self, stream: str) -> None:
         """Show every series of `stream` from the start."""
-        labels = (stream,)
-        self.projected.touch(labels)
-        self.batch_duration.touch(labels)
-        self.lock_holder.set(labels, 0)
-        self.reconnects.touch(labels)
-        self.stuck.set(labels, 0)
+        self.projected.touch(stream)
+        self.batch_duration.touch(stream)
+        self.lock_holder.set(stream, 0)
+        self.reconnects.touch(stream)
+        self.stuck.set(stream, 0)
 
 
 class MetricsServer:

@@ -132,7 +132,7 @@ def run_project(settings: ProjectSettings) -> int:
         except psycopg.Error as exc:
             event(logging.ERROR, "error", f"cannot start: {str(exc).strip()}")
             return 1
-        metrics.reconnects.touch(("listen",))
+        metrics.reconnects.touch("listen")
         for stream in streams:
             metrics.add_stream(stream.name)
             spec, partitioner = stream.spec, stream.spec.partitioner

@@ -109,9 +109,7 @@ def where(stuck: Stuck, store: str | None) -> str:
         position is None or f"global position {position}" in stuck.error
     ):
         return ""
-    parts = [f"message {stuck.message_id}"]
-    if store is not None:
-        parts[0] += f" of store {store!r}"
+    parts = [f"message {stuck.message_id}" + (f" of store {store!r}" if store is not None else "")]
     if stuck.origin_stream is not None:
         parts.append(f"stream {stuck.origin_stream!r}")
     if stuck.version is not None:
@@ -154,7 +152,7 @@ class StuckStreams:
 
     def failed(self, spec: StreamSpec, state: StuckState, exc: BaseException) -> None:
         """A batch of `spec`'s stream failed with `exc`, which no retry fixes."""
-        self.metrics.stuck.set((spec.stream,), 1)
+        self.metrics.stuck.set(spec.stream, 1)
         cause = stuck_cause(spec, exc)
         if state.cause is not None and signature(state.cause) == signature(cause):
             logging.getLogger(__name__).debug("%s: still stuck: %s", spec.stream, exc)
@@ -189,7 +187,7 @@ class StuckStreams:
         """A batch of `spec`'s stream went through: it is not stuck (any more)."""
         if state.cause is not None:
             cause, state.cause = state.cause, None
-            self.metrics.stuck.set((spec.stream,), 0)
+            self.metrics.stuck.set(spec.stream, 0)
             seconds = time.monotonic() - state.since
             event(
                 logging.INFO,
