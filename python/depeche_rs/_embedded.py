@@ -211,7 +211,7 @@ def _running_port(path: Path) -> int | None:
     # A live pid and an answering port are not enough after a reboot or a port reuse:
     # ask the server which data directory it serves.
     try:
-        with _connect(pid[1], "postgres") as conn:
+        with _connect(pid[1]) as conn:
             row = conn.execute("SHOW data_directory").fetchone()
     except psycopg.Error:
         return None
@@ -221,9 +221,9 @@ def _running_port(path: Path) -> int | None:
     return None
 
 
-def _connect(port: int, dbname: str) -> psycopg.Connection[TupleRow]:
+def _connect(port: int) -> psycopg.Connection[TupleRow]:
     return psycopg.connect(
-        host=_HOST, port=port, user=SUPERUSER, dbname=dbname, connect_timeout=5, autocommit=True
+        host=_HOST, port=port, user=SUPERUSER, dbname="postgres", connect_timeout=5, autocommit=True
     )
 
 
@@ -650,7 +650,7 @@ def _remember_port(path: Path, port: int, account: pwd.struct_passwd | None) -> 
 def _wait_until_accepting(path: Path, port: int, deadline: float) -> None:
     while True:
         try:
-            with _connect(port, "postgres"):
+            with _connect(port):
                 return
         except psycopg.Error as err:
             last_error = err
@@ -665,7 +665,7 @@ def _wait_until_accepting(path: Path, port: int, deadline: float) -> None:
 
 def _ensure_database(path: Path, port: int) -> None:
     try:
-        with _connect(port, "postgres") as conn:
+        with _connect(port) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
             ).fetchone()

@@ -187,9 +187,8 @@ class Storage:
                 c.stream == stream
             )
         ).one()
-        if row[0] is None:
-            return MessagePosition(stream, 0, None)
-        return MessagePosition(stream, row[0], row[1])
+        # Both maxima are NULL exactly when the stream is empty.
+        return MessagePosition(stream, row[0] or 0, row[1])
 
     def get_message_ids(self, conn: _sa.Connection, stream: str) -> Iterator[_uuid.UUID]:
         """Yield the message ids of `stream` in version order."""
