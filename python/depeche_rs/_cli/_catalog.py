@@ -89,7 +89,7 @@ class Backlog:
 class LockHolder:
     """The session holding an aggregated stream's hot-standby lock."""
 
-    # In the order `status --json` shows them.
+    # In the order `status --json` shows them, and `lock_holder` selects them.
     application_name: str
     pid: int
     client_addr: str | None
@@ -319,7 +319,7 @@ def backlog(conn: Conn, store: str, stream: str, wildcards: Sequence[str]) -> Ba
 def lock_holder(conn: Conn, stream: str) -> LockHolder | None:
     """The session holding `stream`'s hot-standby lock, if any."""
     row = conn.execute(
-        "SELECT l.pid, coalesce(a.application_name, ''), host(a.client_addr), a.backend_start"
+        "SELECT coalesce(a.application_name, ''), l.pid, host(a.client_addr), a.backend_start"
         " FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
         "   AND l.classid = %s::int4::oid AND l.objid = hashtext(%s)::oid"
@@ -327,9 +327,7 @@ def lock_holder(conn: Conn, stream: str) -> LockHolder | None:
         " LIMIT 1",
         (LOCK_CLASS, stream),
     ).fetchone()
-    if row is None:
-        return None
-    return LockHolder(pid=row[0], application_name=row[1], client_addr=row[2], since=row[3])
+    return LockHolder(*row) if row else None
 
 
 def _tables_with_columns(conn: Conn, prefix: str, *columns: str) -> list[str]:
