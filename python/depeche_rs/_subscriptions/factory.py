@@ -66,14 +66,11 @@ class SubscriptionFactory(Generic[E]):
             InvalidNameError: `name` is not an identifier.
             InvalidHandlerError: a handler needs a call_middleware that is not given.
         """
-        register: MessageHandlerRegisterProtocol[E] = (
-            handlers if handlers is not None else MessageHandlerRegister()
-        )
         return Subscription(
             name=name,
             stream=self._stream,
             message_handler=SubscriptionMessageHandler(
-                handler_register=register,
+                handler_register=handlers if handlers is not None else MessageHandlerRegister(),
                 error_handler=error_handler,
                 call_middleware=call_middleware,
             ),
