@@ -5,16 +5,9 @@
     executor.register(subscription.runner)
     executor.run()  # until SIGTERM or SIGINT
 
-A handler runs when a notification on its channel interests it, and, as in depeche-db,
-every `stimulation_interval` seconds starting at `run()` (zero, negative or None: never),
-nothing else. The one addition: after the listener had to reconnect, every handler runs
-once, because notifications sent while it was away are lost.
-
-Threads: the thread calling `run()` runs the live runtime (`_live.LiveRuntime`: LISTEN,
-dispatch, the stimulation as its poll, reconnection), which queues the handlers it wakes;
-each `StreamProjector` runs on a thread of its own, so a busy subscription never delays
-projection; all other handlers share one thread and run one at a time, as in depeche-db
-(user handlers never run concurrently with each other).
+When handlers run and on which threads: docs/subscriptions.md ("The Executor"). Each
+`StreamProjector` has a thread of its own so that a busy subscription never delays
+projection; the other handlers share one, as in depeche-db.
 """
 
 from __future__ import annotations

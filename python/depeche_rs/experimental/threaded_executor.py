@@ -1,12 +1,4 @@
-"""`ThreadedExecutor`: depeche-db's experimental executor that gives every handler a thread.
-
-Same contract as `depeche_rs.Executor` (a handler runs when a notification on its channel
-interests it and every `stimulation_interval` seconds, and again while it reports
-`WORK_REMAINING`), except that each registered handler runs on a thread of its own, so
-slow subscription handlers do not hold each other up. As in depeche-db, a handler that
-raises stops the executor, and `run()` logs the failure (kept in `failed_handlers`)
-instead of raising it.
-"""
+"""`ThreadedExecutor`: depeche-db's experimental executor that gives every handler a thread."""
 
 from __future__ import annotations
 
@@ -23,7 +15,9 @@ class ThreadedExecutor(Executor):
     """Runs registered handlers (`RunOnNotification`), each on its own thread.
 
     It listens, dispatches, stimulates and reconnects as the `Executor` does (one live
-    runtime, `_runtime/live.py`); only the threads differ.
+    runtime, `_runtime/live.py`); only the threads differ, so slow subscription handlers do
+    not hold each other up. As in depeche-db, a handler that raises stops the executor, and
+    `run()` logs the failure (kept in `failed_handlers`) instead of raising it.
 
     Args:
         db_dsn: DSN of the PostgreSQL database (libpq URL; `postgresql+psycopg://` is
