@@ -875,3 +875,90 @@ def test_batched_unreadable_message_mid_batch_ends_it_and_fails_the_next(
     assert [pos for p, pos in seen if p == 1] == [0, 1, 2]
     assert _state(engine, f"sub_{suffix}")[1] == 2
     subscription.close()
+
+
+def _locks_held(dsn: str, name: str) -> list[int]:
+    """The partitions whose depeche-db lock some session holds for subscription `name`."""
+    keys = {
+        struct.unpack("<q", hashlib.sha1(f"{name}.subscription-{name}-{p}".encode()).digest()[:8])[
+            0
+        ]: p
+        for p in range(PARTITIONS)
+    }
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT (classid::int8 << 32) | objid::int8 FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        ).fetchall()
+    held = []
+    for (value,) in rows:
+        signed = value - (1 << 64) if value >= 1 << 63 else value
+        if signed in keys:
+            held.append(keys[signed])
+    return sorted(held)
+
+
+@pytest.mark.parametrize("strategy", [AckStrategy.SINGLE, AckStrategy.BATCHED])
+@pytest.mark.parametrize("ending", ["budget", "stop", "error"])
+def test_the_partition_claimed_ahead_is_given_up_when_a_run_ends_early(
+    stream: Stream, engine: sa.Engine, dsn: str, suffix: str, strategy: AckStrategy, ending: str
+) -> None:
+    """A runner locks and reads the next partition while it handles a batch. When the
+    run ends after that batch (budget over, `stop()`, a handler's error), the partition
+    read ahead is unlocked at once and nothing of it is delivered or acknowledged; the
+    next run, or another consumer, reads it."""
+    name = f"sub_{suffix}"
+    layout = _layout(engine, stream)
+    assert len(layout) == PARTITIONS
+    runner_box: list[Any] = []
+
+    def end(message: SubscriptionMessage[Any]) -> bool:
+        if message.position == 1 and len(recorder.seen) == 1:
+            if ending == "stop":
+                runner_box[0].stop()
+            return ending == "error"
+        return False
+
+    recorder = Recorder(fail=end)
+    subscription = stream.subscription(
+        name,
+        handlers=recorder.register,
+        batch_size=2,
+        ack_strategy=strategy,
+        error_handler=ExitSubscriptionErrorHandler(),
+    )
+    runner_box.append(subscription.runner)
+    budget = FixedTimeBudget(seconds=0) if ending == "budget" else None
+    if ending == "error":
+        with pytest.raises(RuntimeError, match="failing at"):
+            subscription.runner.run_once(budget)
+    else:
+        subscription.runner.run_once(budget)
+    first = recorder.seen[0][0]
+    assert {p for p, _, _ in recorder.seen} == {first}
+    # Only the first partition was touched; no lock is left behind.
+    assert _locks_held(dsn, name) == []
+    handled = 1 if ending == "error" else 2
+    assert _state(engine, name).get(first, -1) == handled - 1
+    assert all(_state(engine, name).get(p, -1) == -1 for p in layout if p != first)
+    # Another consumer of the subscription gets every other partition now.
+    other = stream.subscription(name)
+    claimed = []
+    while (batch := other.get_next_message_batch(count=100)) is not None:
+        claimed.append(batch.partition)
+        other.unlock_message_batch(batch)
+        if len(claimed) == len(layout):
+            break
+    assert sorted(claimed) == sorted(layout)
+    other.close()
+    # And a later run delivers the rest, each message once.
+    if ending == "stop":
+        subscription.close()
+        subscription = stream.subscription(
+            name, handlers=recorder.register, batch_size=2, ack_strategy=strategy
+        )
+    recorder.fail = None
+    _run(subscription)
+    assert recorder.by_partition() == layout
+    assert _state(engine, name) == {-1: -1, **{p: len(a) - 1 for p, a in layout.items()}}
+    subscription.close()

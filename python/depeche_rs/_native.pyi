@@ -167,6 +167,10 @@ class SubscriptionSession:
         """Release the advisory lock `key` (does not wait)."""
     def claim(self, partition: int, key: int | None, count: int) -> ClaimedBatch | None:
         """Lock and read the stored position and next rows; None if locked elsewhere."""
+    def claim_ahead(self, partition: int, key: int, count: int) -> None:
+        """Send a claim now, read in the background; `take_ahead` returns it."""
+    def take_ahead(self) -> ClaimedBatch | None:
+        """The claim sent ahead, as `claim` returns it; None if locked elsewhere."""
     def read_after(
         self, partition: int, key: int | None, after: int, count: int
     ) -> ClaimedBatch | None:

@@ -98,6 +98,10 @@ struct Statements {
 /// A statement already sent, whose result is still to be read.
 type InFlight = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 
+/// A claim sent ahead (see [`SubscriptionSession::claim_ahead`]): a task on the runtime
+/// that reads its result, `None` when the lock is held elsewhere.
+type Ahead = tokio::task::JoinHandle<Result<Option<Batch>>>;
+
 /// The subscription's session: one connection, used by one caller at a time.
 pub struct SubscriptionSession {
     client: Arc<Client>,
@@ -105,6 +109,8 @@ pub struct SubscriptionSession {
     statements: Statements,
     /// Statements sent without waiting, in the order sent.
     in_flight: VecDeque<InFlight>,
+    /// The claim sent ahead, if any.
+    ahead: Option<Ahead>,
 }
 
 impl SubscriptionSession {
@@ -140,6 +146,7 @@ impl SubscriptionSession {
             name: name.to_owned(),
             statements,
             in_flight: VecDeque::new(),
+            ahead: None,
         })
     }
 
@@ -228,6 +235,55 @@ impl SubscriptionSession {
         // gives one row of NULL message columns.
         let position = rows.first().map_or(Ok(-1), |r| get(r, 0))?;
         Ok(Some(batch(position, &rows)?))
+    }
+
+    /// Send the claim of `partition` now (its lock `key`, its stored position and up to
+    /// `count` rows after it, as [`claim`](Self::claim)) and read its result in the
+    /// background, so that the server runs it while the caller handles the batch
+    /// before; [`take_ahead`](Self::take_ahead) returns it. Must be called within the
+    /// tokio runtime's context.
+    ///
+    /// Statements sent later may reach the server before it: they concern other
+    /// partitions (the caller holds this one's lock from here on), and the read runs
+    /// after the lock is granted, as in `claim`, so it sees what the previous holder
+    /// committed. One claim at a time may be ahead.
+    pub fn claim_ahead(&mut self, partition: i64, key: i64, count: i64) -> Result<()> {
+        self.check()?;
+        if self.ahead.is_some() {
+            return Err(Error::Config(
+                "a claim is already ahead on this session".into(),
+            ));
+        }
+        let client = Arc::clone(&self.client);
+        let lock = self.statements.lock.clone();
+        let read = self.state()?.read.clone();
+        let name = self.name.clone();
+        self.ahead = Some(tokio::spawn(async move {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&name, &partition, &count];
+            let read = client.query(&read, &params);
+            let earlier = std::future::ready(Ok(()));
+            let Some(rows) = locked(&client, &lock, earlier, Some(key), read).await? else {
+                return Ok(None);
+            };
+            let position = rows.first().map_or(Ok(-1), |r| get(r, 0))?;
+            Ok(Some(batch(position, &rows)?))
+        }));
+        Ok(())
+    }
+
+    /// The result of the claim sent ahead: `Ok(None)` when its lock is held elsewhere.
+    pub async fn take_ahead(&mut self) -> Result<Option<Batch>> {
+        let ahead = self
+            .ahead
+            .take()
+            .ok_or_else(|| Error::Config("no claim is ahead on this session".into()))?;
+        match ahead.await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(Error::Lost(format!(
+                "the claim read ahead did not finish: {e}"
+            ))),
+        }
     }
 
     /// Lock `key` (when given) and read up to `count` rows after `after` (a position the

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::py::errors::py_err;
-use crate::py::runtime::{block_on, Interrupted};
+use crate::py::runtime::{block_on, runtime, Interrupted};
 use crate::py::values::py_uuid;
 use depeche_rs_core::subscription::{
     Batch, PartitionState as State, StoredRow, SubscriptionSession as Engine, SubscriptionTables,
@@ -205,6 +205,23 @@ impl PySubscriptionSession {
         count: i64,
     ) -> PyResult<Option<PyClaimedBatch>> {
         self.wait(|engine| block_on(py, engine.claim(partition, key, count)))?
+            .map(|b| PyClaimedBatch::new(py, b))
+            .transpose()
+    }
+
+    /// Send the claim of `partition` (lock `key`, the stored position and up to `count`
+    /// rows after it) without waiting: the server runs it while the caller handles the
+    /// batch before. `take_ahead` returns its result. One claim at a time is ahead.
+    fn claim_ahead(&self, partition: i64, key: i64, count: i64) -> PyResult<()> {
+        let runtime = runtime()?;
+        let _context = runtime.enter();
+        self.call(|engine| engine.claim_ahead(partition, key, count))
+    }
+
+    /// The claim sent with `claim_ahead`, as `claim` returns it: None if its lock is held
+    /// elsewhere.
+    fn take_ahead(&self, py: Python<'_>) -> PyResult<Option<PyClaimedBatch>> {
+        self.wait(|engine| block_on(py, engine.take_ahead()))?
             .map(|b| PyClaimedBatch::new(py, b))
             .transpose()
     }

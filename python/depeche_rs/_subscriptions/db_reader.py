@@ -8,6 +8,8 @@ the engine's, on one pipelined connection per reading thread.
   every acknowledgement the previous holder committed before unlocking;
 - acknowledgements and the unlock are sent without waiting; the server applies them in
   order, so the state is committed before the lock is released;
+- a runner claims the next partition ahead, on the same connection, as soon as it has
+  its batch: the server locks and reads it while the handlers run;
 - the `DbLockProvider` also records the lock names, so threads of this process using
   the provider directly and the subscription exclude each other.
 """
@@ -24,7 +26,7 @@ from .._interfaces import (
 )
 from ..tools._db_lock_provider import DbLockProvider
 from ..tools._db_subscription_state_provider import DbSubscriptionStateProvider
-from .reader import REFUSED, Claim, Lock, Refused, Session, SubscriptionReader
+from .reader import REFUSED, Ahead, Claim, Lock, Refused, Session, SubscriptionReader
 
 if TYPE_CHECKING:
     from .._native import ClaimedBatch
@@ -123,6 +125,51 @@ class DbSubscriptionReader(SubscriptionReader[E]):
             self._locks.release_claim(name)
             return REFUSED
         return lock, batch
+
+    def claim_ahead(self, claim: Claim[E], count: int) -> Ahead | None:
+        """Send the next partition's claim on `claim`'s session (see the base class)."""
+        partition = self.partitions.pop()
+        if partition is None:
+            return None
+        name = self.lock_name(partition)
+        if not self._locks.claim(name):
+            # Held by a thread of this process: later, after the others.
+            self.partitions.requeue(partition)
+            return None
+        lock = Lock(name, self._locks.key(name))
+        try:
+            assert lock.key is not None
+            claim.session.claim_ahead(partition, lock.key, count)
+        except BaseException:
+            self._locks.release_claim(name)
+            self.partitions.requeue(partition)
+            raise
+        claim.keep_session = True
+        return Ahead(claim.session, partition, lock)
+
+    def _take(self, ahead: Ahead) -> tuple[Lock, ClaimedBatch] | Refused:
+        try:
+            batch = ahead.session.take_ahead()
+        except BaseException:
+            self._locks.release_claim(ahead.lock.name)
+            raise
+        if batch is None:
+            self._locks.release_claim(ahead.lock.name)
+            return REFUSED
+        return ahead.lock, batch
+
+    def drop_ahead(self, ahead: Ahead) -> None:
+        """Give up a claim sent ahead (see the base class); never raises `Exception`: a
+        session that fails here is closed, and its locks go with it."""
+        session = ahead.session
+        try:
+            if self._take(ahead) is not REFUSED:
+                self._unlock_claim(session, ahead.lock, wait=False)
+            self._pool.give_back(session)
+        except Exception:
+            self._pool.discard(session)
+        finally:
+            self.partitions.requeue(ahead.partition)
 
     def _store(self, session: Session, partition: int, position: int) -> None:
         session.ack(partition, position)

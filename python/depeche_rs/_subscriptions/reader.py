@@ -53,6 +53,7 @@ class Claim(Generic[E]):
         "acked",
         "count",
         "fetched",
+        "keep_session",
         "last_fetched",
         "lock",
         "partition",
@@ -80,6 +81,20 @@ class Claim(Generic[E]):
         self.last_fetched = last_fetched
         # The last position acknowledged through `SubscriptionReader.ack`.
         self.acked: int | None = None
+        # A claim is ahead on the session: it stays with the caller after `release`.
+        self.keep_session = False
+
+
+class Ahead:
+    """The next claim, sent by `SubscriptionReader.claim_ahead` while the caller handles
+    the batch before it on the same session; `claim` takes it, `drop_ahead` gives it up."""
+
+    __slots__ = ("lock", "partition", "session")
+
+    def __init__(self, session: Session, partition: int, lock: Lock) -> None:
+        self.session = session
+        self.partition = partition
+        self.lock = lock
 
 
 class Refused:
@@ -184,6 +199,10 @@ class SubscriptionReader(abc.ABC, Generic[E]):
     ) -> tuple[Lock, ClaimedBatch] | Refused:
         """Lock the partition and read its stored position and next rows."""
 
+    def _take(self, ahead: Ahead) -> tuple[Lock, ClaimedBatch] | Refused:
+        """The result of a claim sent ahead."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def _store(self, session: Session, partition: int, position: int) -> None:
         """Store `position` as the partition's acknowledged position."""
@@ -203,15 +222,22 @@ class SubscriptionReader(abc.ABC, Generic[E]):
 
     # -- batches ----------------------------------------------------------------------
 
-    def claim(self, count: int) -> Claim[E] | None:
-        """Lock the next partition with unread messages and read up to `count` of them.
+    def claim(self, count: int, ahead: Ahead | None = None) -> Claim[E] | None:
+        """Lock the next partition with unread messages and read up to `count` of them;
+        the claim sent `ahead`, if given, first.
 
         Returns None when no partition has anything to read (or all such are locked).
         """
-        session = self._pool.take()
+        session = self._pool.take() if ahead is None else ahead.session
         refused: list[int] = []
         refreshed = False
         try:
+            if ahead is not None:
+                claim = self._try_claim(session, ahead.partition, count, ahead)
+                if isinstance(claim, Refused):
+                    refused.append(ahead.partition)
+                elif claim is not None:
+                    return claim
             while True:
                 partition = self.partitions.pop()
                 if partition is None:
@@ -235,10 +261,22 @@ class SubscriptionReader(abc.ABC, Generic[E]):
             for partition in refused:
                 self.partitions.requeue(partition)
 
-    def _try_claim(self, session: Session, partition: int, count: int) -> Claim[E] | Refused | None:
-        """The claim, `REFUSED` if the partition is locked elsewhere, None if it has
-        nothing to read."""
-        read = self._read(session, partition, count)
+    def claim_ahead(self, claim: Claim[E], count: int) -> Ahead | None:
+        """Send the claim of the next partition on `claim`'s session now, so that the
+        server reads it while the caller handles `claim`; pass it to `claim` next, or
+        to `drop_ahead`. None when no other partition is waiting (or this reader
+        cannot claim ahead)."""
+        return None
+
+    def drop_ahead(self, ahead: Ahead) -> None:
+        """Give up a claim sent ahead: unlock it and queue its partition again."""
+
+    def _try_claim(
+        self, session: Session, partition: int, count: int, ahead: Ahead | None = None
+    ) -> Claim[E] | Refused | None:
+        """The claim (the one sent `ahead`, if given), `REFUSED` if the partition is
+        locked elsewhere, None if it has nothing to read."""
+        read = self._read(session, partition, count) if ahead is None else self._take(ahead)
         if isinstance(read, Refused):
             return read
         lock, batch = read
@@ -336,7 +374,8 @@ class SubscriptionReader(abc.ABC, Generic[E]):
         ):
             # At the back: a partition that keeps failing does not starve the others.
             self.partitions.requeue(partition)
-        self._pool.give_back(session)
+        if not claim.keep_session:
+            self._pool.give_back(session)
 
     def release_after_error(self, claim: Claim[E]) -> None:
         """Unlock after an error; if that fails too, drop the connection (and its locks)."""

@@ -390,13 +390,27 @@ class SubscriptionRunner(Generic[E]):
 
     def _run_batches(self, budget: TimeBudget | None) -> RunOnNotificationResult:
         reader = self._subscription._reader
-        while self._keep_running:
-            claim = reader.claim(self._batch_size)
-            if claim is None:
+        count = self._batch_size
+        if not self._keep_running:
+            return RunOnNotificationResult.DONE_FOR_NOW
+        claim = reader.claim(count)
+        while claim is not None:
+            # The next partition is locked and read while this batch is handled.
+            ahead = reader.claim_ahead(claim, count)
+            try:
+                self._process(claim)
+            except BaseException:
+                if ahead is not None:
+                    reader.drop_ahead(ahead)
+                raise
+            over_budget = budget is not None and budget.over_budget()
+            if over_budget or not self._keep_running:
+                if ahead is not None:
+                    reader.drop_ahead(ahead)
+                if over_budget:
+                    return RunOnNotificationResult.WORK_REMAINING
                 break
-            self._process(claim)
-            if budget is not None and budget.over_budget():
-                return RunOnNotificationResult.WORK_REMAINING
+            claim = reader.claim(count, ahead)
         return RunOnNotificationResult.DONE_FOR_NOW
 
     def handle(self, message: SubscriptionMessage[E]) -> None:
