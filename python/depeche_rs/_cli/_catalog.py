@@ -36,15 +36,10 @@ class Stuck:
     fixes (a message the serializer cannot read, a failing partitioner, an unsafe
     sequence, tables dropped underneath).
 
-    Attributes:
-        kind: The error's class name (`PoisonMessageError`, `PartitionerError`, ...).
-        error: What is wrong and what to do, for people.
-        message_id: The message the batch stopped at, when one is to blame.
-        origin_stream: Its origin stream.
-        version: Its version in that stream.
-        global_position: Its global position in the store.
-        since: When the stream got stuck (as recorded in the registry).
-        age_seconds: How long ago that was, when read back.
+    `kind` is the error's class name (`PoisonMessageError`, ...), `error` what is wrong and
+    what to do, for people; `message_id` (with its origin stream, version and global
+    position) the message the batch stopped at, when one is to blame; `since` and
+    `age_seconds` when the stream got stuck, as recorded in the registry and read back.
     """
 
     kind: str

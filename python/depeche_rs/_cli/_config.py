@@ -50,13 +50,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PartitionerSpec:
-    """A partitioner as named on the command line, resolved to an object.
-
-    Attributes:
-        text: What was given (`stream-hash`, `hash-mod:8`, `pkg.module:attr`).
-        obj: The partitioner object handed to `AggregatedStream`.
-        in_rust: True when the Rust engine computes its partitions, not Python.
-    """
+    """A partitioner as named on the command line (`text`: `stream-hash`, `hash-mod:8`,
+    `pkg.module:attr`), resolved to the object handed to `AggregatedStream`; `in_rust`: the
+    Rust engine computes its partitions, not Python."""
 
     text: str
     obj: Any
