@@ -54,8 +54,7 @@ def _show(conn: psycopg.Connection[Any], setting: str) -> str:
 def _checkpoints(conn: psycopg.Connection[Any]) -> SettingAdvice | None:
     modern = conn.info.server_version >= 170000
     row = conn.execute(_CHECKPOINTS_QUERY_17 if modern else _CHECKPOINTS_QUERY).fetchone()
-    if row is None:
-        return None
+    assert row is not None  # a view of one row
     timed, requested, reset = int(row[0]), int(row[1]), row[2]
     if requested < _MIN_FORCED_CHECKPOINTS or requested <= timed:
         return None
@@ -117,8 +116,7 @@ def _buffers(conn: psycopg.Connection[Any], streams: Sequence[str]) -> SettingAd
         "SELECT setting::int8 * pg_size_bytes(coalesce(unit, '8kB')) FROM pg_settings "
         "WHERE name = 'shared_buffers'"
     ).fetchone()
-    if row is None:
-        return None
+    assert row is not None  # a setting every server has
     sizes = {s: _index_bytes(conn, s) for s in streams}
     return buffers_advice(_show(conn, "shared_buffers"), int(row[0]), sizes)
 
