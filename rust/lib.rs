@@ -17,7 +17,7 @@ mod _native {
     #[pymodule_export]
     use crate::py::partition::stream_name_partition;
     #[pymodule_export]
-    use crate::py::projector::{Projector, ResolveRow};
+    use crate::py::projector::{Projector, ReadAheadCounts, ResolveRow, RunOutcome};
     #[pymodule_export]
     use crate::py::subscription::{
         PyBatchRow, PyClaimedBatch, PyPartitionState, PyStoredRow, PySubscriptionSession,

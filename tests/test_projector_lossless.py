@@ -335,8 +335,8 @@ def test_forked_child_projects_with_a_fresh_runtime(
 
 def _read_ahead(agg: Any) -> tuple[int, int, int]:
     """(used, discarded, assigned ahead) of the projector's read-ahead (docs/projector.md)."""
-    counts: tuple[int, int, int] = agg.projector._get_native().read_ahead_counts()
-    return counts
+    counts = agg.projector._get_native().read_ahead_counts()
+    return counts.used, counts.discarded, counts.assigned
 
 
 class _AccountPartitioner:

@@ -10,7 +10,9 @@ __all__ = [
     "ClaimedBatch",
     "PartitionState",
     "Projector",
+    "ReadAheadCounts",
     "ResolveRow",
+    "RunOutcome",
     "StoredRow",
     "SubscriptionSession",
     "__version__",
@@ -46,13 +48,35 @@ class Projector:
         | None = None,
         budget: Any = None,
         max_batches: int | None = None,
-    ) -> tuple[int, bool, bool]:
-        """Project batches; returns (projected, more, locked)."""
-    def read_ahead_counts(self) -> tuple[int, int, int]:
-        """(used, discarded, assigned): batches that read ahead, read-aheads dropped, rows
-        Python assigned while the batch before them was written."""
+    ) -> RunOutcome:
+        """Project batches."""
+    def read_ahead_counts(self) -> ReadAheadCounts:
+        """How reading ahead went since connecting."""
     def close(self) -> None:
         """Close the connections."""
+
+@final
+class RunOutcome:
+    """What one `Projector.run` did."""
+
+    @property
+    def projected(self) -> int: ...
+    @property
+    def more(self) -> bool: ...
+    @property
+    def locked(self) -> bool: ...
+
+@final
+class ReadAheadCounts:
+    """Batches that read ahead, read-aheads dropped, rows Python assigned while the
+    batch before them was written."""
+
+    @property
+    def used(self) -> int: ...
+    @property
+    def discarded(self) -> int: ...
+    @property
+    def assigned(self) -> int: ...
 
 @final
 class ResolveRow:

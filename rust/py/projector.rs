@@ -30,6 +30,34 @@ pub struct Projector {
 
 type Resolved = Vec<(Option<i64>, Option<NaiveDateTime>)>;
 
+/// What one `Projector.run` did.
+#[pyclass(module = "depeche_rs._native", name = "RunOutcome", frozen, get_all)]
+pub struct RunOutcome {
+    /// Messages projected.
+    projected: usize,
+    /// More messages were waiting when it stopped (budget, `max_batches`).
+    more: bool,
+    /// Another projector was inside a batch of the stream, so nothing was done.
+    locked: bool,
+}
+
+/// How reading ahead went since the projector connected.
+#[pyclass(
+    module = "depeche_rs._native",
+    name = "ReadAheadCounts",
+    frozen,
+    get_all
+)]
+pub struct ReadAheadCounts {
+    /// Batches whose candidates were read ahead on the second connection.
+    used: u64,
+    /// Read-aheads thrown away.
+    discarded: u64,
+    /// Rows of the batches that used one, assigned by Python while the batch before them
+    /// was written.
+    assigned: u64,
+}
+
 /// A message the projector needs Python for: its partition (a Python partitioner) or its
 /// time (not recorded when it was written). The `resolve` callback gets a list of them.
 /// Values are turned into Python objects only when read.
@@ -127,8 +155,7 @@ impl Projector {
     /// Project batches until none is left, the budget is over or `max_batches` ran.
     ///
     /// `resolve(rows, need_partition)` is called with a list of `ResolveRow`s and returns
-    /// one `(partition, occurred_at)` per row (naive UTC datetimes). Returns
-    /// `(projected, more_messages_available, locked_by_another_projector)`.
+    /// one `(partition, occurred_at)` per row (naive UTC datetimes).
     #[pyo3(signature = (resolve=None, budget=None, max_batches=None))]
     fn run(
         &mut self,
@@ -136,7 +163,12 @@ impl Projector {
         resolve: Option<Py<PyAny>>,
         budget: Option<Py<PyAny>>,
         max_batches: Option<usize>,
-    ) -> PyResult<(usize, bool, bool)> {
+    ) -> PyResult<RunOutcome> {
+        let outcome = |projected, more, locked| RunOutcome {
+            projected,
+            more,
+            locked,
+        };
         let mut total = 0usize;
         let mut batches = 0usize;
         loop {
@@ -147,7 +179,7 @@ impl Projector {
                 Err(e) => return Err(self.fail(e)),
             };
             let more = match step {
-                BuiltinStep::Locked => return Ok((total, false, true)),
+                BuiltinStep::Locked => return Ok(outcome(total, false, true)),
                 BuiltinStep::Done(outcome) => {
                     total += outcome.projected;
                     outcome.more
@@ -164,23 +196,27 @@ impl Projector {
             };
             batches += 1;
             if !more || max_batches.is_some_and(|m| batches >= m) {
-                return Ok((total, more, false));
+                return Ok(outcome(total, more, false));
             }
             if let Some(budget) = &budget {
                 if budget.bind(py).call_method0("over_budget")?.is_truthy()? {
-                    return Ok((total, true, false));
+                    return Ok(outcome(total, true, false));
                 }
             }
         }
     }
 
-    /// `(used, discarded, assigned)`: batches whose candidates were read ahead on the
-    /// second connection, read-aheads thrown away, and rows of the batches that used one
-    /// that Python had assigned while the batch before was written; since connecting.
-    fn read_ahead_counts(&self) -> (u64, u64, u64) {
-        self.engine
+    /// How reading ahead went since connecting.
+    fn read_ahead_counts(&self) -> ReadAheadCounts {
+        let (used, discarded, assigned) = self
+            .engine
             .as_ref()
-            .map_or((0, 0, 0), |(_, engine)| engine.read_ahead_counts())
+            .map_or((0, 0, 0), |(_, engine)| engine.read_ahead_counts());
+        ReadAheadCounts {
+            used,
+            discarded,
+            assigned,
+        }
     }
 
     /// Close the connections (new ones are opened on the next run).

@@ -170,7 +170,7 @@ class StreamProjector(Generic[E]):
         with self._lock:
             native = self._get_native()
             found = native.run(resolve or self._timed_resolve, budget, max_batches)
-        return ProjectionResult(*found)
+        return ProjectionResult(found.projected, found.more, found.locked)
 
     def close(self) -> None:
         """Close the projector's connection (reopened on the next update)."""
