@@ -83,6 +83,19 @@ def test_listener_decodes_payloads(
     ]
 
 
+def test_listener_hears_a_channel_with_capitals(dsn: str, suffix: str) -> None:
+    """Store and stream names may have capitals; their triggers notify the exact name."""
+    channel = f"depeche_Orders_{suffix}_messages"
+    subject = PgNotificationListener(dsn, [channel])
+    subject.start()
+    try:
+        _notify(dsn, channel, '{"position": 1}')
+        got = next(iter(subject.messages(timeout=5)), None)
+    finally:
+        subject.stop()
+    assert got == PgNotification(channel, {"position": 1})
+
+
 def test_listener_recovers_from_pg_terminate_backend(
     dsn: str, suffix: str, listener: tuple[PgNotificationListener, list[int]]
 ) -> None:

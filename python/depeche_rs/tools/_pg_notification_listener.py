@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .._db.connection import libpq_form, redact
 from .._exceptions import DatabaseConnectionError, InvalidNameError
@@ -150,7 +151,8 @@ class PgNotificationListener:
         conn = psycopg.connect(self.dsn, autocommit=True, **_CONNECT_OPTIONS)  # type: ignore[arg-type]
         try:
             for channel in self.channels:
-                conn.execute(f"LISTEN {channel}".encode())
+                # Quoted: the triggers notify the exact name, capitals included.
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             conn.close()
             raise
