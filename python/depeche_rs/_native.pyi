@@ -204,6 +204,6 @@ class SubscriptionSession:
     def stored_position(self, partition: int) -> int:
         """The committed position of `partition` (-1 if none)."""
     def partitions(self) -> list[PartitionState]:
-        """Every partition's max position and stored position."""
+        """Partitions behind their stored position (without a state table: all, and -1)."""
     def close(self) -> None:
         """Close the connection, releasing its locks."""

@@ -330,8 +330,9 @@ impl SubscriptionSession {
         rows.first().map_or(Ok(-1), |r| get(r, 0))
     }
 
-    /// Every partition's max position with the stored position (-1 without a state
-    /// table of the engine's).
+    /// With a state table of the engine's, the partitions with messages after the stored
+    /// position (max and stored position); without, every partition's max position (and
+    /// -1).
     pub async fn partitions(&mut self) -> Result<Vec<PartitionState>> {
         let earlier = settle(std::mem::take(&mut self.in_flight));
         let read = async {

@@ -57,12 +57,15 @@ pub fn read_after_sql(t: &SubscriptionTables) -> String {
     )
 }
 
-/// Every partition's max position, with the subscription's stored position (-1 if none).
+/// The partitions with messages after the subscription's stored position: their max
+/// position and the stored one (-1 if none). Only those: a stream with thousands of
+/// partitions, mostly caught up, answers with a few rows.
 pub fn partitions_with_state_sql(t: &SubscriptionTables, state: &str) -> String {
     format!(
         "SELECT p.partition::int8, p.max_position::int8, coalesce(s.position, -1)::int8 \
          FROM {maxpos} AS p \
-         LEFT JOIN {state} AS s ON s.subscription_name = $1::text AND s.partition = p.partition",
+         LEFT JOIN {state} AS s ON s.subscription_name = $1::text AND s.partition = p.partition \
+         WHERE p.max_position > coalesce(s.position, -1)",
         maxpos = t.maxpos,
     )
 }

@@ -253,7 +253,8 @@ impl PySubscriptionSession {
         self.wait(|engine| block_on(py, engine.stored_position(partition)))
     }
 
-    /// Every partition's max position and stored position.
+    /// The partitions behind their stored position, with both positions (without a state
+    /// table: every partition's max position, and -1).
     fn partitions(&self, py: Python<'_>) -> PyResult<Vec<PyPartitionState>> {
         let states = self.wait(|engine| block_on(py, engine.partitions()))?;
         Ok(states.into_iter().map(Into::into).collect())

@@ -60,7 +60,9 @@ class PartitionQueue:
     ) -> None:
         """Take the database's max and acknowledged positions, and queue (in random
         order, so competing consumers start at different places) every partition
-        behind, except those in `skip`."""
+        behind, except those in `skip`. The database may leave out partitions that are
+        not behind: what is known of them stays (positions only grow, so it is at most
+        stale low, which costs one empty read)."""
         skipped = set(skip)
         behind = [p for p, m in maxima.items() if m > positions.get(p, -1) and p not in skipped]
         random.shuffle(behind)
@@ -68,7 +70,7 @@ class PartitionQueue:
             for partition, maximum in maxima.items():
                 if maximum > self._max_positions.get(partition, -1):
                     self._max_positions[partition] = maximum
-            self._positions = dict(positions)
+            self._positions.update(positions)
             for partition in behind:
                 if partition not in self._queued:
                     self._queue.append(partition)
