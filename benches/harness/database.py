@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -157,6 +158,22 @@ def checkpoint(conn: psycopg.Connection[Any]) -> None:
         conn.execute("CHECKPOINT")
     except psycopg.errors.InsufficientPrivilege:
         pass
+
+
+def settle(conn: psycopg.Connection[Any], timeout: float = 60.0) -> None:
+    """Start a live measurement on a quiet server: a fresh checkpoint (none falls due
+    within a run), and no autovacuum worker still busy with what the run before left
+    (depeche-db's live run ends tens of seconds behind, with tables full of dead rows).
+    Waits at most `timeout` seconds for autovacuum."""
+    checkpoint(conn)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+        ).fetchone()
+        if not row or row[0] == 0:
+            return
+        time.sleep(0.5)
 
 
 def drop_objects(conn: psycopg.Connection[Any], marker: str) -> int:
