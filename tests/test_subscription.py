@@ -678,14 +678,16 @@ def test_db_subscription_state_provider(engine: sa.Engine, suffix: str) -> None:
         DbSubscriptionStateProvider("no-dashes", engine)
 
 
-def test_state_table_migration_from_0_8(engine: sa.Engine, suffix: str) -> None:
-    name = f"old_{suffix}"
+@pytest.mark.parametrize("prefix", ["old", "Old"])
+def test_state_table_migration_from_0_8(engine: sa.Engine, suffix: str, prefix: str) -> None:
+    # depeche-db <= 0.8 created the table through SQLAlchemy: a name with capitals quoted.
+    name = f"{prefix}_{suffix}"
     with engine.begin() as conn:
         conn.exec_driver_sql(
-            f"CREATE TABLE {name}_subscription_state (subscription_name varchar, "
+            f'CREATE TABLE "{name}_subscription_state" (subscription_name varchar, '
             "partition int, position int, PRIMARY KEY (subscription_name, partition))"
         )
-        conn.exec_driver_sql(f"INSERT INTO {name}_subscription_state VALUES ('s', 0, 9)")
+        conn.exec_driver_sql(f"""INSERT INTO "{name}_subscription_state" VALUES ('s', 0, 9)""")
     for _ in range(2):
         with engine.begin() as conn:
             DbSubscriptionStateProvider.migrate_db_objects(name, conn)

@@ -23,11 +23,12 @@ def _do(body: str) -> str:
 
 def _rename_legacy(old: str, new: str, trigger: str | None = None) -> str:
     """PL/pgSQL renaming the <=0.8.0 table `old` to `new` (and dropping its notify trigger
-    and function `trigger`), unless `new` exists already."""
+    and function `trigger`), unless `new` exists already. `old` is quoted: depeche-db
+    created it through SQLAlchemy, which keeps the case of a name with capitals."""
     drop_trigger = f"\n    DROP TRIGGER IF EXISTS {trigger} ON {new};" if trigger else ""
     drop_function = f"\n  DROP FUNCTION IF EXISTS {trigger}() CASCADE;" if trigger else ""
     return f"""
-  IF to_regclass('{old}') IS NOT NULL AND to_regclass('{new}') IS NULL THEN
+  IF to_regclass('"{old}"') IS NOT NULL AND to_regclass('{new}') IS NULL THEN
     ALTER TABLE "{old}" RENAME TO {new};{drop_trigger}
   END IF;{drop_function}"""
 

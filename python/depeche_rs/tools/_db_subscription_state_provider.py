@@ -115,10 +115,12 @@ class DbSubscriptionStateProvider:
         """
         validate_name(name, "subscription state provider name")
         old, new = f"{name}_subscription_state", subscription_table(name)
+        # The old name quoted: depeche-db created it through SQLAlchemy, which keeps the
+        # case of a name with capitals; ours are unquoted, as everywhere else.
         return (
             "DO $$ BEGIN "
-            f"IF to_regclass('{old}') IS NOT NULL AND to_regclass('{new}') IS NULL THEN "
-            f"ALTER TABLE {old} RENAME TO {new}; "
+            f"""IF to_regclass('"{old}"') IS NOT NULL AND to_regclass('{new}') IS NULL THEN """
+            f'ALTER TABLE "{old}" RENAME TO {new}; '
             "END IF; END $$"
         )
 
