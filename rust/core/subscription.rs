@@ -273,11 +273,16 @@ impl SubscriptionSession {
     }
 
     /// The result of the claim sent ahead: `Ok(None)` when its lock is held elsewhere.
+    /// A failure of the statements sent before that has arrived comes first, as does a
+    /// closed connection (its locks are gone); one still on its way is reported by the
+    /// next `check` or statement, before the batch's next message (a connection that
+    /// died would have failed the claim too, so the lock it returns was granted).
     pub async fn take_ahead(&mut self) -> Result<Option<Batch>> {
         let ahead = self
             .ahead
             .take()
             .ok_or_else(|| Error::Config("no claim is ahead on this session".into()))?;
+        self.check()?;
         match ahead.await {
             Ok(outcome) => outcome,
             Err(e) => Err(Error::Lost(format!(
