@@ -40,6 +40,7 @@ from depeche_rs import (
     SubscriptionState,
 )
 from depeche_rs.tools import DbLockProvider, DbSubscriptionStateProvider, StreamHashPartitioner
+from depeche_rs.tools._db_lock_provider import advisory_lock_key
 
 from ._models import AnyEvent, Deposited
 
@@ -94,6 +95,16 @@ def _state(engine: sa.Engine, name: str) -> dict[int, int]:
             (name,),
         ).all()
     return {partition: position for partition, position in rows}
+
+
+def _make_unreadable(engine: sa.Engine, stream: Stream, amount: int) -> None:
+    """Replace the body of the message with `amount` by one no serializer can read."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE depeche_msgs_{stream.store.name} SET message = '{{\"bogus\": 1}}' "
+            "WHERE (message->>'amount')::int = %s",
+            (amount,),
+        )
 
 
 class Recorder:
@@ -602,12 +613,7 @@ def test_undeserializable_message_is_a_clear_error_and_releases_the_lock(
     stream: Stream, engine: sa.Engine, suffix: str
 ) -> None:
     layout = _layout(engine, stream)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            f"UPDATE depeche_msgs_{stream.store.name} SET message = '{{\"bogus\": 1}}' "
-            "WHERE (message->>'amount')::int = %s",
-            (layout[0][2],),
-        )
+    _make_unreadable(engine, stream, layout[0][2])
     recorder = Recorder()
     name = f"sub_{suffix}"
     subscription = stream.subscription(name, handlers=recorder.register, batch_size=10)
@@ -823,9 +829,8 @@ def test_own_lock_provider_with_the_default_state_table(
 def test_delivered_message_ids_are_plain_uuids(stream: Stream, suffix: str) -> None:
     """The engine builds `uuid.UUID`s without `UUID.__init__`: each must be what
     `UUID(int=...)` gives, in every way a handler may use it."""
-    _write(stream.store, 8)
-    _project(stream)
     written = {m.message_id for i in range(12) for m in stream.store.read(f"acc-{i}")}
+    assert len(written) == 60
     seen: list[uuid.UUID] = []
     subscription = stream.subscription(f"sub_{suffix}")
     while (batch := subscription.get_next_message_batch(count=10)) is not None:
@@ -852,41 +857,23 @@ def test_batched_unreadable_message_mid_batch_ends_it_and_fails_the_next(
     """Messages are deserialized one at a time, as their turn comes: the messages before
     an unreadable one are handled and acknowledged, and it is the first of the next batch,
     where it is a clear error."""
-    _write(stream.store, 24)
-    _project(stream)
     layout = _layout(engine, stream)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            f"UPDATE depeche_msgs_{stream.store.name} SET message = '{{\"bogus\": 1}}' "
-            "WHERE (message->>'amount')::int = %s",
-            (layout[1][3],),
-        )
-    seen: list[tuple[int, int]] = []
-
-    def handle(message: SubscriptionMessage[Deposited]) -> None:
-        seen.append((message.partition, message.position))
-
-    register: MessageHandlerRegister[AnyEvent] = MessageHandlerRegister()
-    register.register(handle)
+    _make_unreadable(engine, stream, layout[1][3])
+    recorder = Recorder()
     subscription = stream.subscription(
-        f"sub_{suffix}", handlers=register, batch_size=10, ack_strategy=AckStrategy.BATCHED
+        f"sub_{suffix}", handlers=recorder.register, batch_size=10, ack_strategy=AckStrategy.BATCHED
     )
     with pytest.raises(SerializationError, match=r"at partition 1 position 3"):
         for _ in range(3 * PARTITIONS):
             subscription.runner.run_once()
-    assert [pos for p, pos in seen if p == 1] == [0, 1, 2]
+    assert [pos for p, pos, _ in recorder.seen if p == 1] == [0, 1, 2]
     assert _state(engine, f"sub_{suffix}")[1] == 2
     subscription.close()
 
 
 def _locks_held(dsn: str, name: str) -> list[int]:
     """The partitions whose depeche-db lock some session holds for subscription `name`."""
-    keys = {
-        struct.unpack("<q", hashlib.sha1(f"{name}.subscription-{name}-{p}".encode()).digest()[:8])[
-            0
-        ]: p
-        for p in range(PARTITIONS)
-    }
+    keys = {advisory_lock_key(name, f"subscription-{name}-{p}"): p for p in range(PARTITIONS)}
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT (classid::int8 << 32) | objid::int8 FROM pg_locks "
@@ -912,12 +899,11 @@ def test_the_partition_claimed_ahead_is_given_up_when_a_run_ends_early(
     name = f"sub_{suffix}"
     layout = _layout(engine, stream)
     assert len(layout) == PARTITIONS
-    runner_box: list[Any] = []
 
     def end(message: SubscriptionMessage[Any]) -> bool:
         if message.position == 1 and len(recorder.seen) == 1:
             if ending == "stop":
-                runner_box[0].stop()
+                subscription.runner.stop()
             return ending == "error"
         return False
 
@@ -929,7 +915,6 @@ def test_the_partition_claimed_ahead_is_given_up_when_a_run_ends_early(
         ack_strategy=strategy,
         error_handler=ExitSubscriptionErrorHandler(),
     )
-    runner_box.append(subscription.runner)
     budget = FixedTimeBudget(seconds=0) if ending == "budget" else None
     if ending == "error":
         with pytest.raises(RuntimeError, match="failing at"):
